@@ -1,0 +1,33 @@
+# Two commands for a fresh machine:  `make quickstart` (mine -> fine-tune -> validate) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+EXTRAS ?= cpu,dev,bench
+STAMP := $(VENV)/.nvr-installed
+
+.PHONY: venv quickstart test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build on CPU machines.
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+quickstart: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/nvr quickstart
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check nvr tests benchmarks scripts
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/mine_vs_st.py
+
+clean:
+	rm -rf $(VENV) .nvr_cache runs

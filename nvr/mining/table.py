@@ -1,0 +1,103 @@
+"""The candidate table: one teacher's ranked candidates per query, the contract between search and filters.
+
+Everything expensive (encoding, search, cross-encoder rescoring) happens once to build this table; every filter,
+sampler and ensemble is then a cheap pure function over it, so a sweep of mining methods needs no re-encoding.
+Rank is the column position (0 = most similar). Padding is ``-1`` in index arrays and ``nan`` in score arrays.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nvr.utils.atomic import atomic_dir, write_text_atomic
+
+_ARRAYS = ("cand_idx", "cand_scores", "cand_is_positive", "pos_idx", "pos_scores")
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CandidateTable:
+    """Ranked candidates of one teacher for Q queries over a corpus of D documents.
+
+    Attributes:
+        teacher: label of the teacher that scored the candidates (used for provenance).
+        query_ids: (Q,) query ids, in the order of the rows.
+        doc_ids: (D,) corpus doc ids; ``cand_idx``/``pos_idx`` index into this list. All tables of one mining run
+            share the same ``doc_ids`` so that ensembles can compare documents by index.
+        cand_idx: (Q, N) int64 doc indices, best first; ``-1`` pads rows with fewer than N candidates.
+        cand_scores: (Q, N) float32 teacher scores; ``nan`` where ``cand_idx == -1``.
+        cand_is_positive: (Q, N) bool; True if the candidate is a positive of that query by id, or a document whose
+            normalized text equals a positive's (a duplicate of a positive never becomes a negative).
+        pos_idx: (Q, P) int64 indices of the query's positives; ``-1`` pads.
+        pos_scores: (Q, P) float32 teacher scores of those positives, computed explicitly (not looked up in the
+            candidate list, which may not contain them); ``nan`` pads.
+    """
+
+    teacher: str
+    query_ids: list[str]
+    doc_ids: list[str]
+    cand_idx: np.ndarray
+    cand_scores: np.ndarray
+    cand_is_positive: np.ndarray
+    pos_idx: np.ndarray
+    pos_scores: np.ndarray
+
+    def __post_init__(self) -> None:
+        q = len(self.query_ids)
+        if self.cand_idx.shape[0] != q or self.pos_idx.shape[0] != q:
+            raise ValueError(f"table rows do not match {q} query ids")
+        if self.cand_scores.shape != self.cand_idx.shape or self.cand_is_positive.shape != self.cand_idx.shape:
+            raise ValueError("cand_idx, cand_scores and cand_is_positive must share one (Q, N) shape")
+        if self.pos_scores.shape != self.pos_idx.shape:
+            raise ValueError("pos_idx and pos_scores must share one (Q, P) shape")
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.query_ids)
+
+    @property
+    def depth(self) -> int:
+        return int(self.cand_idx.shape[1])
+
+    @property
+    def valid(self) -> np.ndarray:
+        """(Q, N) True where a real candidate sits (not padding)."""
+        return self.cand_idx >= 0
+
+    def save(self, path: str | Path, overwrite: bool = True) -> None:
+        """Write a folder of ``.npy`` arrays (memory-mappable) plus ids and metadata, atomically."""
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            for name in _ARRAYS:
+                np.save(tmp / f"{name}.npy", np.ascontiguousarray(getattr(self, name)), allow_pickle=False)
+            ids = {"query_ids": list(self.query_ids), "doc_ids": list(self.doc_ids)}
+            write_text_atomic(tmp / "ids.json", json.dumps(ids, ensure_ascii=False))
+            meta = {"format_version": FORMAT_VERSION, "teacher": self.teacher, "depth": self.depth}
+            write_text_atomic(tmp / "meta.json", json.dumps(meta, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: str | Path, mmap: bool = False) -> CandidateTable:
+        """Read a table written by :meth:`save`; ``mmap=True`` keeps the arrays on disk."""
+        path = Path(path)
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: unsupported candidate-table format {meta.get('format_version')}")
+        ids = json.loads((path / "ids.json").read_text(encoding="utf-8"))
+        arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r" if mmap else None) for n in _ARRAYS}
+        return cls(teacher=meta["teacher"], query_ids=ids["query_ids"], doc_ids=ids["doc_ids"], **arrays)
+
+    def subset(self, rows: np.ndarray) -> CandidateTable:
+        """The table restricted to the given row indices (e.g. one shard of queries)."""
+        return CandidateTable(
+            teacher=self.teacher,
+            query_ids=[self.query_ids[i] for i in rows],
+            doc_ids=self.doc_ids,
+            cand_idx=self.cand_idx[rows],
+            cand_scores=self.cand_scores[rows],
+            cand_is_positive=self.cand_is_positive[rows],
+            pos_idx=self.pos_idx[rows],
+            pos_scores=self.pos_scores[rows],
+        )
