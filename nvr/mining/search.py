@@ -1,0 +1,265 @@
+"""Exact, memory-bounded, deterministic top-k inner-product search.
+
+A coarse pass (faiss brute force on GPU or CPU, or a numpy matmul when faiss is absent) retrieves the top
+``k + slack`` candidates per query within a memory budget. A refine pass re-scores them with fp64 accumulation
+(products of fp32 values are exact in fp64, so the rounded fp32 score no longer depends on summation order, block
+size or backend) and sorts by score desc, then doc order asc. A row is accepted only when its k-th exact score
+provably beats every unretrieved document (coarse error bound); otherwise it is searched again with a wider slack,
+so a tie group crossing the k boundary is always resolved the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+CoarseFn = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+_FAISS_GPU_MAX_K = 2048  # faiss GPU brute force refuses larger k
+_F32_UNIT_ROUNDOFF = 2.0**-24
+_REFINE_BLOCK_BYTES = 32 * 2**20  # gathers are memory-bound: small blocks reuse warm pages, big ones fault
+_PAIR_BLOCK = 8192  # explicit pairs scored per step of score_pairs
+_MIN_QUERY_BLOCK = 64  # below this many queries per block the corpus itself is split into blocks
+
+
+def exact_topk(
+    queries: np.ndarray,
+    docs: np.ndarray,
+    k: int,
+    memory_mb: float = 1024,
+    doc_order: np.ndarray | None = None,
+    use_gpu: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` documents per query by inner product, ties broken by ``doc_order`` (rank of each doc's id).
+
+    Returns ``(scores[Q, k] float32, idx[Q, k] int64)``; rows are padded with ``nan`` / ``-1`` when ``D < k``.
+    ``memory_mb`` bounds one block of the query x doc score matrix (and of the re-scoring buffers).
+    """
+    queries, docs = _check_inputs(queries, docs, k, memory_mb)
+    n_queries, n_docs = queries.shape[0], docs.shape[0]
+    order = _check_doc_order(doc_order, n_docs)
+    scores = np.full((n_queries, k), np.nan, dtype=np.float32)
+    idx = np.full((n_queries, k), -1, dtype=np.int64)
+    k_eff = min(k, n_docs)
+    if n_queries == 0 or k_eff == 0:
+        return scores, idx
+    _checked_max_norm(queries, "queries")
+    doc_norm_max = _checked_max_norm(docs, "docs")
+    coarse = _coarse_backend(use_gpu)
+    budget = int(memory_mb * 2**20)
+    pending = np.arange(n_queries)
+    fetch = min(n_docs, k_eff + max(16, k_eff // 4))
+    while pending.size:
+        if fetch > _FAISS_GPU_MAX_K and getattr(coarse, "gpu", False):
+            coarse = _coarse_backend(False)
+        cand = _coarse_topk(queries[pending], docs, fetch, budget, coarse)
+        top_s, top_i, safe = _refine(queries[pending], docs, cand, k_eff, order, doc_norm_max, budget)
+        done = pending[safe]
+        scores[done, :k_eff] = top_s[safe]
+        idx[done, :k_eff] = top_i[safe]
+        pending = pending[~safe]
+        fetch = min(n_docs, 2 * fetch)
+    return scores, idx
+
+
+def score_pairs(queries: np.ndarray, docs: np.ndarray, q_idx: np.ndarray, d_idx: np.ndarray) -> np.ndarray:
+    """Scores of explicit (query, doc) pairs, computed exactly like the scores :func:`exact_topk` reports
+    (fp64 accumulation, rounded to fp32), so a positive's score equals its score as a candidate.
+
+    Any index shape is accepted (e.g. ``(Q, P)`` positives); ``-1`` in ``d_idx`` yields ``nan``.
+    """
+    q_idx, d_idx = np.broadcast_arrays(np.asarray(q_idx, dtype=np.int64), np.asarray(d_idx, dtype=np.int64))
+    out = np.full(d_idx.shape, np.nan, dtype=np.float32)
+    valid = d_idx >= 0
+    q_sel, d_sel = q_idx[valid], d_idx[valid]
+    flat = np.empty(q_sel.shape, dtype=np.float32)
+    for a in range(0, len(q_sel), _PAIR_BLOCK):
+        b = slice(a, a + _PAIR_BLOCK)
+        flat[b] = _exact_dot(queries[q_sel[b]], docs[d_sel[b]])
+    out[valid] = flat
+    return out
+
+
+def doc_id_order(doc_ids: Sequence[str]) -> np.ndarray:
+    """``order[i]`` = rank of ``doc_ids[i]`` in sorted-id order: the tie-break that makes rankings reproducible."""
+    order = np.empty(len(doc_ids), dtype=np.int64)
+    order[sorted(range(len(doc_ids)), key=doc_ids.__getitem__)] = np.arange(len(doc_ids))
+    return order
+
+
+def topk_of_scores(
+    scores: np.ndarray, k: int, doc_order: np.ndarray | None = None, floor: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of an explicit score matrix ``[Q, D]`` (e.g. BM25), same tie-break and padding as exact_topk.
+
+    Documents scoring ``<= floor`` are not candidates (BM25 uses ``floor=0``: no shared term, not retrieved).
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    n_queries, n_docs = scores.shape
+    order = _check_doc_order(doc_order, n_docs)
+    out_s = np.full((n_queries, k), np.nan, dtype=np.float32)
+    out_i = np.full((n_queries, k), -1, dtype=np.int64)
+    for q in range(n_queries):
+        row = scores[q]
+        cand = np.flatnonzero(row > floor) if floor is not None else np.arange(n_docs)
+        if cand.size > k:  # keep the whole tie group at the k-th score, then sort exactly
+            kth = np.partition(row[cand], cand.size - k)[cand.size - k]
+            cand = cand[row[cand] >= kth]
+        ranked = cand[np.lexsort((order[cand], -row[cand]))][:k]
+        out_s[q, : ranked.size] = row[ranked]
+        out_i[q, : ranked.size] = ranked
+    return out_s, out_i
+
+
+def _check_inputs(queries: np.ndarray, docs: np.ndarray, k: int, memory_mb: float) -> tuple[np.ndarray, np.ndarray]:
+    if k <= 0:
+        raise ValueError(f"k must be > 0, got {k}")
+    if memory_mb <= 0:
+        raise ValueError(f"memory_mb must be > 0, got {memory_mb}")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    docs = np.ascontiguousarray(docs, dtype=np.float32)
+    if queries.ndim != 2 or docs.ndim != 2 or queries.shape[1] != docs.shape[1]:
+        raise ValueError(f"need queries [Q, H] and docs [D, H] with one H, got {queries.shape} and {docs.shape}")
+    return queries, docs
+
+
+def _checked_max_norm(x: np.ndarray, name: str) -> float:
+    """Largest row norm (for the coarse error bound); also rejects nan/inf without a full-size temporary."""
+    sq = _row_sq_norms(x)
+    if not np.isfinite(sq).all():
+        raise ValueError(f"{name} embeddings contain nan or inf (row {int(np.argmin(np.isfinite(sq)))})")
+    return float(np.sqrt(sq.max())) if sq.size else 0.0
+
+
+def _check_doc_order(doc_order: np.ndarray | None, n_docs: int) -> np.ndarray:
+    if doc_order is None:
+        return np.arange(n_docs, dtype=np.int64)
+    order = np.asarray(doc_order, dtype=np.int64)
+    if order.shape != (n_docs,):
+        raise ValueError(f"doc_order must have shape ({n_docs},), got {order.shape}")
+    return order
+
+
+def _row_sq_norms(x: np.ndarray, block: int = 8192) -> np.ndarray:
+    """Squared row norms in fp64, in blocks so a memmapped corpus is never copied whole."""
+    out = np.empty(x.shape[0], dtype=np.float64)
+    for a in range(0, x.shape[0], block):
+        b = x[a : a + block].astype(np.float64)
+        out[a : a + block] = np.einsum("ij,ij->i", b, b)
+    return out
+
+
+def _exact_dot(q_rows: np.ndarray, d_rows: np.ndarray) -> np.ndarray:
+    """Row-wise dot products with fp64 accumulation, rounded to fp32 (order-independent in practice)."""
+    return np.einsum("ij,ij->i", q_rows.astype(np.float64), d_rows.astype(np.float64)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- coarse search
+
+
+def _numpy_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    sims = xq @ xb.T
+    if k >= xb.shape[0]:
+        part = np.broadcast_to(np.arange(xb.shape[0]), sims.shape)
+    else:
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    return np.take_along_axis(sims, part, axis=1), part.astype(np.int64)
+
+
+def _coarse_backend(use_gpu: bool | None) -> CoarseFn:
+    """faiss-gpu when asked (or auto and GPUs exist), else faiss-cpu, else numpy."""
+    try:
+        import faiss
+    except ImportError:
+        if use_gpu:
+            raise RuntimeError("use_gpu=True but faiss is not installed") from None
+        return _numpy_knn
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") and hasattr(faiss, "knn_gpu") else 0
+    if use_gpu and gpus == 0:
+        raise RuntimeError("use_gpu=True but faiss has no GPU support here (install faiss-gpu)")
+    if gpus and use_gpu is not False:
+        res = faiss.StandardGpuResources()
+
+        def gpu_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            return faiss.knn_gpu(res, xq, xb, k, metric=faiss.METRIC_INNER_PRODUCT)
+
+        gpu_knn.gpu = True  # type: ignore[attr-defined]
+        return gpu_knn
+
+    def cpu_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return faiss.knn(xq, xb, k, metric=faiss.METRIC_INNER_PRODUCT)
+
+    return cpu_knn
+
+
+def _block_sizes(n_queries: int, n_docs: int, fetch: int, budget: int) -> tuple[int, int]:
+    """(query block, doc block) so that one block of scores (4 B each) fits in ``budget`` bytes."""
+    if n_docs * 4 * min(n_queries, _MIN_QUERY_BLOCK) <= budget:
+        return max(1, min(n_queries, budget // (n_docs * 4))), n_docs
+    q_block = max(1, min(n_queries, _MIN_QUERY_BLOCK, budget // (8 * fetch)))
+    return q_block, max(fetch, budget // (4 * q_block))
+
+
+def _coarse_topk(
+    queries: np.ndarray, docs: np.ndarray, fetch: int, budget: int, knn: CoarseFn
+) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate-order top-``fetch`` (scores, idx) per query, merged over doc blocks."""
+    n_queries, n_docs = queries.shape[0], docs.shape[0]
+    q_block, d_block = _block_sizes(n_queries, n_docs, fetch, budget)
+    best_s = np.full((n_queries, fetch), -np.inf, dtype=np.float32)
+    best_i = np.full((n_queries, fetch), -1, dtype=np.int64)
+    for d0 in range(0, n_docs, d_block):
+        block_docs = docs[d0 : d0 + d_block]
+        kb = min(fetch, block_docs.shape[0])
+        for q0 in range(0, n_queries, q_block):
+            s, i = knn(queries[q0 : q0 + q_block], block_docs, kb)
+            rows = slice(q0, q0 + q_block)
+            if d_block >= n_docs:
+                best_s[rows, :kb], best_i[rows, :kb] = s, i
+            else:
+                best_s[rows], best_i[rows] = _merge(best_s[rows], best_i[rows], s, i + d0, fetch)
+    return best_s, best_i
+
+
+def _merge(s1: np.ndarray, i1: np.ndarray, s2: np.ndarray, i2: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    s = np.concatenate([s1, s2], axis=1)
+    i = np.concatenate([i1, i2], axis=1)
+    top = np.argpartition(-s, k - 1, axis=1)[:, :k] if s.shape[1] > k else np.argsort(-s, axis=1)
+    return np.take_along_axis(s, top, axis=1), np.take_along_axis(i, top, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------- exact refine
+
+
+def _refine(
+    queries: np.ndarray,
+    docs: np.ndarray,
+    cand: tuple[np.ndarray, np.ndarray],
+    k: int,
+    order: np.ndarray,
+    doc_norm_max: float,
+    budget: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact top-k among the coarse candidates plus, per row, whether that top-k is provably the global one."""
+    coarse_s, coarse_i = cand
+    n_queries, fetch = coarse_i.shape
+    n_docs, dim = docs.shape
+    out_s = np.empty((n_queries, k), dtype=np.float32)
+    out_i = np.empty((n_queries, k), dtype=np.int64)
+    q_block = max(1, min(n_queries, min(budget, _REFINE_BLOCK_BYTES) // (fetch * (dim * 12 + 24))))
+    for q0 in range(0, n_queries, q_block):
+        rows = slice(q0, q0 + q_block)
+        ci = coarse_i[rows]
+        exact = np.einsum("qh,qkh->qk", queries[rows].astype(np.float64), docs[ci].astype(np.float64))
+        exact = exact.astype(np.float32)
+        perm = np.lexsort((order[ci], -exact), axis=1)[:, :k]
+        out_s[rows] = np.take_along_axis(exact, perm, axis=1)
+        out_i[rows] = np.take_along_axis(ci, perm, axis=1)
+    if fetch >= n_docs:
+        return out_s, out_i, np.ones(n_queries, dtype=bool)
+    q_norm = np.sqrt(_row_sq_norms(queries))
+    coarse_err = 2 * dim * _F32_UNIT_ROUNDOFF * q_norm * doc_norm_max + 1e-30
+    unretrieved_max = coarse_s.min(axis=1).astype(np.float64) + coarse_err
+    safe = out_s[:, k - 1].astype(np.float64) > unretrieved_max
+    return out_s, out_i, safe

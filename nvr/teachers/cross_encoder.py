@@ -1,0 +1,131 @@
+"""Cross-encoder rescoring of a candidate table (candidates and positives alike), batched across queries.
+
+All (query, doc) pairs of the table are scored in length-sorted batches that mix queries, so short queries do not
+each pay for a half-empty batch; a pair that is both a candidate and a positive is scored once, so the positive's
+score and its candidate score are identical. Rows are then re-sorted by the new scores (ties: doc id order).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+from nvr.data.beir import Corpus
+from nvr.mining.config import CrossEncoderConfig
+from nvr.mining.search import doc_id_order
+from nvr.mining.table import CandidateTable
+from nvr.teachers.dense import pick_device
+from nvr.utils.models import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+Activation = Literal["sigmoid", "identity"]
+_PAIRS_PER_CHUNK = 65536  # bounds the Python pair lists; batches inside a chunk mix many queries
+
+
+class CrossEncoderRescorer:
+    """``AutoModelForSequenceClassification`` scorer: one logit per pair, sigmoid by default (scores in (0, 1)
+    like sentence-transformers' ``CrossEncoder.predict``, so percentage margins stay meaningful)."""
+
+    def __init__(self, cfg: CrossEncoderConfig, activation: Activation = "sigmoid") -> None:
+        self.cfg = cfg
+        self.activation = activation
+        self.device = pick_device(cfg.device)
+        self._model = None
+        self._tokenizer = None
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = resolve_model_path(self.cfg.model_name_or_path)
+        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.cfg.dtype]
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+        if self._tokenizer.pad_token_id is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+            model.config.pad_token_id = self._tokenizer.pad_token_id
+        self._model = model.to(self.device).eval()
+        log.info("cross-encoder %s loaded on %s", path, self.device)
+
+    def score(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
+        """Scores of aligned (query, passage) pairs, float32, in input order."""
+        import torch
+
+        if self._model is None:
+            self._load()
+        out = np.empty(len(queries), dtype=np.float32)
+        order = sorted(range(len(queries)), key=lambda i: -(len(queries[i]) + len(passages[i])))
+        bs = self.cfg.batch_size
+        with torch.inference_mode():
+            for start in range(0, len(order), bs):
+                idx = order[start : start + bs]
+                batch = self._tokenizer(
+                    [queries[i] for i in idx], [passages[i] for i in idx], padding=True, truncation=True,
+                    max_length=self.cfg.max_length, return_tensors="pt",
+                ).to(self.device)
+                logits = self._model(**batch).logits.float()
+                out[idx] = self._activate(logits).cpu().numpy()
+        return out
+
+    def _activate(self, logits):
+        import torch
+
+        if logits.shape[-1] > 1:  # classification heads: probability of the last ("relevant") label
+            return torch.softmax(logits, dim=-1)[:, -1]
+        return torch.sigmoid(logits[:, 0]) if self.activation == "sigmoid" else logits[:, 0]
+
+    def rescore(self, table: CandidateTable, query_texts: Sequence[str], corpus: Corpus) -> CandidateTable:
+        """A new table scored by the cross-encoder: teacher ``"<name>+ce"``, rows re-sorted best first."""
+        if len(query_texts) != table.num_queries:
+            raise ValueError(f"{len(query_texts)} query texts for a table of {table.num_queries} queries")
+        if len(corpus) != len(table.doc_ids):
+            raise ValueError(f"corpus has {len(corpus)} docs but the table indexes {len(table.doc_ids)}")
+        cand_idx = np.asarray(table.cand_idx)
+        pos_idx = np.asarray(table.pos_idx)
+        pair_rows, pair_docs, inverse = _unique_pairs(cand_idx, pos_idx)
+        pair_scores = np.empty(len(pair_rows), dtype=np.float32)
+        for a in range(0, len(pair_rows), _PAIRS_PER_CHUNK):
+            rows, docs = pair_rows[a : a + _PAIRS_PER_CHUNK], pair_docs[a : a + _PAIRS_PER_CHUNK]
+            pair_scores[a : a + len(rows)] = self.score([query_texts[r] for r in rows], corpus.passages(docs))
+        n_cand = cand_idx.size
+        cand_scores = _scatter(pair_scores, inverse[:n_cand], cand_idx)
+        pos_scores = _scatter(pair_scores, inverse[n_cand:], pos_idx)
+        order = doc_id_order(table.doc_ids)
+        perm = resort_rows(cand_scores, cand_idx, order)
+        return CandidateTable(
+            teacher=f"{table.teacher}+ce", query_ids=list(table.query_ids), doc_ids=table.doc_ids,
+            cand_idx=np.take_along_axis(cand_idx, perm, axis=1),
+            cand_scores=np.take_along_axis(cand_scores, perm, axis=1),
+            cand_is_positive=np.take_along_axis(np.asarray(table.cand_is_positive), perm, axis=1),
+            pos_idx=pos_idx.copy(), pos_scores=pos_scores,
+        )
+
+
+def resort_rows(scores: np.ndarray, idx: np.ndarray, doc_order: np.ndarray) -> np.ndarray:
+    """Column permutation per row: score desc, then doc order asc, padding (``-1``) last."""
+    pad = idx < 0
+    safe_scores = np.where(pad, 0.0, scores)
+    return np.lexsort((np.where(pad, 0, doc_order[np.maximum(idx, 0)]), -safe_scores, pad), axis=1)
+
+
+def _unique_pairs(cand_idx: np.ndarray, pos_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct valid (row, doc) pairs of candidates + positives, and for every flat cell its pair (or -1)."""
+    rows = np.concatenate([np.repeat(np.arange(len(cand_idx)), cand_idx.shape[1]),
+                           np.repeat(np.arange(len(pos_idx)), pos_idx.shape[1])])
+    docs = np.concatenate([cand_idx.ravel(), pos_idx.ravel()])
+    valid = docs >= 0
+    n_docs = int(docs.max()) + 1 if docs.size else 1
+    codes = rows[valid] * n_docs + docs[valid]
+    uniq, inv = np.unique(codes, return_inverse=True)
+    inverse = np.full(docs.shape, -1, dtype=np.int64)
+    inverse[valid] = inv
+    return uniq // n_docs, uniq % n_docs, inverse
+
+
+def _scatter(pair_scores: np.ndarray, inverse: np.ndarray, like: np.ndarray) -> np.ndarray:
+    flat = np.where(inverse >= 0, pair_scores[np.maximum(inverse, 0)], np.nan).astype(np.float32)
+    return flat.reshape(like.shape)

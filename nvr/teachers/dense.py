@@ -1,0 +1,144 @@
+"""Dense teacher: an Embedder used as trained (causal decoders stay causal) with cached, sharded embeddings."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from nvr.data.beir import Corpus
+from nvr.mining.config import TeacherConfig
+from nvr.mining.search import exact_topk, score_pairs
+from nvr.teachers.cache import EmbeddingCache, dist_rank_world, embedding_key
+from nvr.utils.atomic import write_text_atomic
+from nvr.utils.hashing import sha256_json
+from nvr.utils.models import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible (the local rank's GPU under torchrun), else 'cpu'."""
+    if device != "auto":
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    import os
+
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+
+
+class DenseTeacher:
+    """Encode queries / passages with ``cfg``'s model through an :class:`EmbeddingCache` under ``cache_dir``.
+
+    The model loads lazily (first fingerprint or encode). A folder saved by ``Embedder.save_pretrained`` (an nvr
+    checkpoint, e.g. for iterative self-mining) is loaded with its own pooling head; anything else is an HF model
+    with ``cfg.pooling``.
+    """
+
+    kind = "dense"
+
+    def __init__(self, cfg: TeacherConfig, cache_dir: str | Path, shard_size: int = 10000) -> None:
+        if not cfg.model_name_or_path:
+            from nvr.utils.errors import ConfigError
+
+            raise ConfigError(f"teachers[{cfg.name}].model_name_or_path", "required for a dense teacher")
+        self.cfg = cfg
+        self.name = cfg.name
+        self.cache = EmbeddingCache(Path(cache_dir) / "embeddings")
+        self.fingerprint_dir = Path(cache_dir) / "fingerprints"
+        self.shard_size = shard_size
+        self.device = pick_device(cfg.device)
+        self._embedder = None
+        self._fingerprint: str | None = None
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            self._embedder = self._load()
+        return self._embedder
+
+    def _load(self):
+        from nvr.modeling.config import EmbedderConfig
+        from nvr.modeling.embedder import META_FILE, Embedder
+
+        path = resolve_model_path(self.cfg.model_name_or_path)
+        if (Path(path) / META_FILE).exists():
+            embedder = Embedder.from_pretrained(path, dtype=self.cfg.dtype, normalize=self.cfg.normalize)
+        else:
+            emb_cfg = EmbedderConfig(
+                model_name_or_path=self.cfg.model_name_or_path, pooling=self.cfg.pooling,
+                normalize=self.cfg.normalize, bidirectional=False, dtype=self.cfg.dtype,
+                max_length=max(self.cfg.query_max_length, self.cfg.passage_max_length),
+            )
+            embedder = Embedder.from_config(emb_cfg)
+        log.info("teacher %s: loaded %s on %s (%s)", self.name, path, self.device, self.cfg.dtype)
+        return embedder.to(self.device).eval()
+
+    @property
+    def fingerprint(self) -> str:
+        """Model weights + pooling/dtype/normalization (``Embedder.fingerprint``), computed once per model folder.
+
+        The weight hash is memoized under ``cache_dir/fingerprints`` keyed by the folder's file names, sizes and
+        mtimes, so a re-run over cached embeddings and tables never loads (or hashes) a large model again.
+        """
+        if self._fingerprint is None:
+            memo = self._memo_path()
+            if memo is not None and memo.exists():
+                self._fingerprint = memo.read_text(encoding="utf-8").strip()
+            else:
+                self._fingerprint = self.embedder.fingerprint()
+                if memo is not None:
+                    write_text_atomic(memo, self._fingerprint)
+        return self._fingerprint
+
+    def _memo_path(self) -> Path | None:
+        folder = Path(resolve_model_path(self.cfg.model_name_or_path))
+        if not folder.is_dir():
+            return None
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        stats = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        settings = {k: getattr(self.cfg, k) for k in ("pooling", "normalize", "dtype")}
+        return self.fingerprint_dir / sha256_json({"folder": str(folder.resolve()), "files": stats, **settings})
+
+    settings_fingerprint = fingerprint
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode(texts, self.cfg.query_prefix, self.cfg.query_max_length, "queries")
+
+    def encode_passages(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode(texts, self.cfg.passage_prefix, self.cfg.passage_max_length, "passages")
+
+    def _encode(self, texts: Sequence[str], prefix: str, max_length: int, what: str) -> np.ndarray:
+        from nvr.modeling.encode import encode_texts
+
+        key = embedding_key(self.fingerprint, self.cfg.pooling, prefix, max_length, self.cfg.dtype)
+
+        def encode(chunk: list[str]) -> np.ndarray:
+            return encode_texts(
+                self.embedder, chunk, prefix=prefix, max_length=max_length, batch_size=self.cfg.batch_size,
+                desc=f"{self.name} {what}",
+            )
+
+        rank, world_size = dist_rank_world()
+        return self.cache.get_or_encode(key, list(texts), encode, self.shard_size, rank=rank, world_size=world_size)
+
+    def rank_corpus(
+        self,
+        query_texts: Sequence[str],
+        corpus: Corpus,
+        k: int,
+        pair_idx: np.ndarray,
+        doc_order: np.ndarray | None = None,
+        memory_mb: float = 1024,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-k ``(scores, idx)`` over the corpus and the scores of ``pair_idx[Q, P]`` (``-1`` -> nan)."""
+        queries = self.encode_queries(query_texts)
+        docs = self.encode_passages(corpus.passages())
+        scores, idx = exact_topk(queries, docs, k, memory_mb=memory_mb, doc_order=doc_order)
+        rows = np.broadcast_to(np.arange(len(query_texts))[:, None], pair_idx.shape)
+        return scores, idx, score_pairs(queries, docs, rows, pair_idx)

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nvr.mining import search
+from nvr.mining.search import exact_topk, score_pairs
+
+
+def brute_force(queries: np.ndarray, docs: np.ndarray, k: int, doc_order: np.ndarray | None = None):
+    """Reference: full fp64 score matrix rounded to fp32, sorted by score desc then doc order asc."""
+    order = np.arange(len(docs)) if doc_order is None else doc_order
+    full = (queries.astype(np.float64) @ docs.astype(np.float64).T).astype(np.float32)
+    ranked = np.lexsort((np.broadcast_to(order, full.shape), -full), axis=1)[:, :k]
+    return np.take_along_axis(full, ranked, axis=1), ranked.astype(np.int64)
+
+
+def tied_corpus(seed: int = 0, n_docs: int = 300, dim: int = 8):
+    """Small-integer vectors (many exact score ties) plus exact duplicate docs scattered over the corpus."""
+    rng = np.random.default_rng(seed)
+    docs = rng.integers(-2, 3, size=(n_docs, dim)).astype(np.float32)
+    dupes = [i for i in (7, 150, 151, 299, n_docs - 1) if 3 < i < n_docs]
+    docs[dupes] = docs[min(3, n_docs - 1)]  # one tie group spread over block boundaries
+    queries = rng.integers(-2, 3, size=(40, dim)).astype(np.float32)
+    return queries, docs
+
+
+@pytest.mark.parametrize("k", [1, 5, 17])
+def test_matches_brute_force_with_ties(k: int) -> None:
+    queries, docs = tied_corpus()
+    order = np.random.default_rng(1).permutation(len(docs))
+    scores, idx = exact_topk(queries, docs, k, doc_order=order)
+    ref_s, ref_i = brute_force(queries, docs, k, order)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_array_equal(scores, ref_s)
+    assert scores.dtype == np.float32 and idx.dtype == np.int64
+
+
+def test_tie_group_crossing_k_boundary_is_resolved_by_doc_order() -> None:
+    rng = np.random.default_rng(0)
+    docs = rng.normal(size=(200, 16)).astype(np.float32)
+    docs[50:120] = docs[0]  # 71 identical docs: far more than k + slack
+    query = docs[:1] * 3.0
+    order = np.arange(200)[::-1].copy()  # reverse id order: the largest indices must win the tie
+    scores, idx = exact_topk(query, docs, 10, doc_order=order)
+    assert list(idx[0]) == list(range(119, 109, -1))
+    assert np.all(scores[0] == scores[0, 0])
+
+
+def test_tiny_memory_budget_blocks_queries_and_docs_identically(monkeypatch) -> None:
+    queries, docs = tied_corpus(seed=3, n_docs=500)
+    full = exact_topk(queries, docs, 12)
+    seen: list[tuple[int, int]] = []
+    real = search._coarse_backend(False)
+
+    def spy(xq, xb, k):
+        seen.append((xq.shape[0], xb.shape[0]))
+        return real(xq, xb, k)
+
+    monkeypatch.setattr(search, "_coarse_backend", lambda use_gpu: spy)
+    blocked = exact_topk(queries, docs, 12, memory_mb=0.001)
+    assert max(q for q, _ in seen) < len(queries), "queries should have been split into blocks"
+    assert max(d for _, d in seen) < len(docs), "the corpus should have been split into blocks"
+    np.testing.assert_array_equal(blocked[1], full[1])
+    np.testing.assert_array_equal(blocked[0], full[0])
+
+
+def test_fewer_docs_than_k_pads() -> None:
+    queries, docs = tied_corpus(n_docs=4)
+    scores, idx = exact_topk(queries, docs, 7)
+    ref_s, ref_i = brute_force(queries, docs, 4)
+    np.testing.assert_array_equal(idx[:, :4], ref_i)
+    np.testing.assert_array_equal(scores[:, :4], ref_s)
+    assert (idx[:, 4:] == -1).all() and np.isnan(scores[:, 4:]).all()
+
+
+def test_numpy_fallback_and_adversarial_coarse_order(monkeypatch) -> None:
+    """The refine step must not trust the coarse backend's order or last-bit scores."""
+    queries, docs = tied_corpus(seed=5)
+    ref = brute_force(queries, docs, 9)
+    monkeypatch.setattr(search, "_coarse_backend", lambda use_gpu: search._numpy_knn)
+    np.testing.assert_array_equal(exact_topk(queries, docs, 9)[1], ref[1])
+
+    rng = np.random.default_rng(0)
+
+    def shuffled_noisy(xq, xb, k):
+        s, i = search._numpy_knn(xq, xb, k)
+        perm = rng.permuted(np.tile(np.arange(k), (len(xq), 1)), axis=1)
+        noise = rng.uniform(-1e-6, 1e-6, size=s.shape).astype(np.float32)
+        return np.take_along_axis(s, perm, axis=1) + noise, np.take_along_axis(i, perm, axis=1)
+
+    monkeypatch.setattr(search, "_coarse_backend", lambda use_gpu: shuffled_noisy)
+    np.testing.assert_array_equal(exact_topk(queries, docs, 9)[1], ref[1])
+
+
+def test_random_unit_vectors_match_and_score_pairs_agree() -> None:
+    rng = np.random.default_rng(2)
+    docs = rng.normal(size=(1000, 32)).astype(np.float32)
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    queries = rng.normal(size=(30, 32)).astype(np.float32)
+    scores, idx = exact_topk(queries, docs, 20, memory_mb=0.05)
+    np.testing.assert_array_equal(idx, brute_force(queries, docs, 20)[1])
+    rows = np.repeat(np.arange(30)[:, None], 20, axis=1)
+    np.testing.assert_array_equal(score_pairs(queries, docs, rows, idx), scores)
+
+
+def test_score_pairs_padding_and_bad_input() -> None:
+    queries, docs = tied_corpus(n_docs=10)
+    out = score_pairs(queries, docs, np.array([[0], [1]]), np.array([[2, -1], [3, 4]]))
+    assert out.shape == (2, 2) and np.isnan(out[0, 1])
+    assert out[1, 1] == np.float32(queries[1].astype(np.float64) @ docs[4].astype(np.float64))
+    with pytest.raises(ValueError, match="k must be > 0"):
+        exact_topk(queries, docs, 0)
+    bad = docs.copy()
+    bad[4, 0] = np.nan
+    with pytest.raises(ValueError, match="docs embeddings contain nan"):
+        exact_topk(queries, bad, 3)
+    with pytest.raises(ValueError, match="doc_order"):
+        exact_topk(queries, docs, 3, doc_order=np.arange(3))
