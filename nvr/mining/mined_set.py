@@ -1,0 +1,117 @@
+"""Reading a mined folder back: one validated ``MinedExample`` per line of ``mined.jsonl``.
+
+Row format (written by ``pipeline.mine``, keys in this order)::
+
+    {"query_id": str, "query": str,
+     "positives": [{"id": str, "text": str, "score": float | null}],
+     "negatives": [{"id": str, "text": str, "score": float, "teacher": str, "rank": int}]}
+
+``rank`` is the 0-based position of the negative in its teacher's candidate list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nvr.data.jsonl import iter_jsonl
+from nvr.utils.errors import InputError
+
+MINED_FILE = "mined.jsonl"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass
+class MinedExample:
+    """One query with its positives and mined negatives (negatives in selection order, with provenance)."""
+
+    query_id: str
+    query: str
+    positive_ids: list[str]
+    positive_texts: list[str]
+    negative_ids: list[str]
+    negative_texts: list[str]
+    negative_scores: list[float]
+    negative_teachers: list[str]
+    negative_ranks: list[int]
+    positive_scores: list[float | None] = field(default_factory=list)
+
+
+def mined_file(path: str | Path) -> Path:
+    """``path`` itself if it is a file, else ``path/mined.jsonl``."""
+    path = Path(path)
+    return path / MINED_FILE if path.is_dir() else path
+
+
+def _require(row: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, path: Path, line: int) -> Any:
+    if key not in row:
+        raise InputError(f"{where}missing key '{key}'", path, line)
+    value = row[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise InputError(f"{where}'{key}' must be {name}, got {type(value).__name__}", path, line)
+    return value
+
+
+def _parse_row(row: dict[str, Any], path: Path, line: int) -> MinedExample:
+    qid = _require(row, "query_id", str, "", path, line)
+    query = _require(row, "query", str, "", path, line)
+    positives = _require(row, "positives", list, "", path, line)
+    negatives = _require(row, "negatives", list, "", path, line)
+    if not positives:
+        raise InputError(f"query {qid!r} has no positives", path, line)
+    pos_ids, pos_texts, pos_scores = [], [], []
+    for i, p in enumerate(positives):
+        where = f"positives[{i}]: "
+        if not isinstance(p, dict):
+            raise InputError(f"{where}must be an object", path, line)
+        pos_ids.append(_require(p, "id", str, where, path, line))
+        pos_texts.append(_require(p, "text", str, where, path, line))
+        score = p.get("score")
+        if score is not None and (not isinstance(score, (int, float)) or isinstance(score, bool)):
+            raise InputError(f"{where}'score' must be a number or null", path, line)
+        pos_scores.append(None if score is None else float(score))
+    ex = MinedExample(qid, query, pos_ids, pos_texts, [], [], [], [], [], pos_scores)
+    for i, n in enumerate(negatives):
+        where = f"negatives[{i}]: "
+        if not isinstance(n, dict):
+            raise InputError(f"{where}must be an object", path, line)
+        ex.negative_ids.append(_require(n, "id", str, where, path, line))
+        ex.negative_texts.append(_require(n, "text", str, where, path, line))
+        ex.negative_scores.append(float(_require(n, "score", (int, float), where, path, line)))
+        ex.negative_teachers.append(_require(n, "teacher", str, where, path, line))
+        ex.negative_ranks.append(_require(n, "rank", int, where, path, line))
+    return ex
+
+
+def load_mined(path: str | Path) -> list[MinedExample]:
+    """All examples of a mined folder (or a ``mined.jsonl`` file); bad rows raise ``InputError`` with the line."""
+    file = mined_file(path)
+    if not file.is_file():
+        raise InputError("mined file not found (expected a folder written by `nvr mine`)", file)
+    examples = []
+    seen: dict[str, int] = {}
+    for line, row in iter_jsonl(file):
+        ex = _parse_row(row, file, line)
+        if ex.query_id in seen:
+            raise InputError(f"duplicate query_id {ex.query_id!r} (first on line {seen[ex.query_id]})", file, line)
+        seen[ex.query_id] = line
+        examples.append(ex)
+    return examples
+
+
+def example_to_row(ex: MinedExample) -> dict[str, Any]:
+    """The inverse of parsing: the ``mined.jsonl`` object of one example (deterministic key order)."""
+    scores = ex.positive_scores or [None] * len(ex.positive_ids)
+    return {
+        "query_id": ex.query_id,
+        "query": ex.query,
+        "positives": [{"id": i, "text": t, "score": s} for i, t, s in zip(ex.positive_ids, ex.positive_texts, scores)],
+        "negatives": [
+            {"id": i, "text": t, "score": s, "teacher": te, "rank": r}
+            for i, t, s, te, r in zip(
+                ex.negative_ids, ex.negative_texts, ex.negative_scores, ex.negative_teachers, ex.negative_ranks
+            )
+        ],
+    }
