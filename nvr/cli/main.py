@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "test": ("nvr.cli.lightning_cli", "run the test loop (LightningCLI)"),
     "eval": ("nvr.cli.eval", "evaluate any HF model / exported folder on BEIR folders -> JSON"),
     "export": ("nvr.cli.export", "export a checkpoint to a SentenceTransformer / HF folder"),
+    "ablate": ("nvr.cli.ablate", "run a paper-ablation grid (variants x seeds) -> results table + plots"),
     "quickstart": ("nvr.cli.quickstart", "mine, fine-tune and validate a real small model on the embedded data"),
 }
 
