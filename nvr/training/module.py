@@ -1,0 +1,262 @@
+"""BiEncoderModule: one shared Embedder for queries and passages, trained with InfoNCE (NV-Retriever recipe).
+
+Checkpoints and warm starts:
+
+* ``--ckpt_path`` (Lightning) is a *full resume*: weights, optimizer, scheduler, loop counters and the train
+  sampler position. ``init_from`` is a *warm start*: weights only (stage 2 starting from stage 1), applied in
+  ``__init__`` so that a later ``--ckpt_path`` restore still wins.
+* With LoRA (base frozen) ``on_save_checkpoint`` keeps only the trainable tensors (adapters, latent-attention
+  head, ``modules_to_save``) and marks the checkpoint; ``on_load_checkpoint`` refills the frozen base weights from
+  the freshly loaded base model, so strict loading and full resume still work while the file stays small.
+  Sharded (FSDP2) checkpoints are written by the strategy and keep every tensor.
+* Dropout randomness is reseeded every step from ``(seed, global_step, rank)``, so a resumed run replays exactly
+  what the uninterrupted run would have done without storing RNG states.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from nvr.modeling.config import EmbedderConfig, as_embedder_config
+from nvr.modeling.embedder import Embedder
+from nvr.training.loss import info_nce
+from nvr.utils.errors import ConfigError, InputError
+from nvr.utils.seeding import derive_seed
+
+log = logging.getLogger(__name__)
+
+Schedule = Literal["linear", "cosine", "constant"]
+PARTIAL_KEY = "nvr_trainable_only"
+"""Checkpoint flag: ``state_dict`` holds only the trainable tensors (frozen LoRA base left out)."""
+
+
+class BiEncoderModule(pl.LightningModule):
+    """Contrastive fine-tuning of an :class:`~nvr.modeling.embedder.Embedder`.
+
+    Args:
+        embedder: backbone, pooling, LoRA, quantization, dtype.
+        temperature: InfoNCE temperature (NV-Embed / NV-Retriever style 0.02).
+        use_in_batch_negatives: score each query against every passage of the batch, not only its own.
+        gather_across_devices: also score against other ranks' passages (autograd all-gather).
+        false_negative_perc: drop a hard negative from its query's row when its teacher score is
+            ``>= perc * positive teacher score`` (sign-safe form); None = off.
+        lr, weight_decay: AdamW over the trainable parameters (no decay on biases / norms).
+        warmup_steps: linear warm-up from 0 to ``lr``.
+        scheduler: shape after warm-up, over ``trainer.estimated_stepping_batches``.
+        init_from: stage-1 ``.ckpt`` or an Embedder folder to take weights from (not optimizer state).
+        seed: base of the per-step dropout seed; None = ``seed_everything``'s seed (``PL_GLOBAL_SEED``) or 0.
+    """
+
+    def __init__(
+        self,
+        embedder: EmbedderConfig,
+        temperature: float = 0.02,
+        use_in_batch_negatives: bool = True,
+        gather_across_devices: bool = False,
+        false_negative_perc: float | None = None,
+        lr: float = 1e-5,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        scheduler: Schedule = "linear",
+        init_from: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        cfg = as_embedder_config(embedder, key="model.embedder")
+        _validate(temperature, false_negative_perc, lr, weight_decay, warmup_steps, scheduler)
+        self.save_hyperparameters(ignore=["embedder"])
+        self.hparams["embedder"] = cfg.to_dict()
+        self.embedder_config = cfg
+        self.embedder = Embedder.from_config(cfg)
+        self.seed = seed
+        if init_from:
+            load_warm_start(self.embedder, init_from)
+        self.train()  # from_pretrained returns eval mode; Lightning 2.6 keeps module modes as it finds them
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def encode(self, features: dict[str, Tensor]) -> Tensor:
+        return self.embedder(features["input_ids"], features["attention_mask"], features.get("pool_mask"))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        base = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        torch.manual_seed(derive_seed(base, "step", self.global_step, self.global_rank) % (2**63))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        query_emb = self.encode(batch["query"])
+        batch_size, group = batch["passage_ids"].shape
+        passage_emb = self.encode(batch["passages"]).reshape(batch_size, group, -1)
+        remote_emb, remote_ids = self._remote_passages(passage_emb, batch["passage_ids"])
+        loss = info_nce(
+            query_emb, passage_emb, self.hparams.temperature,
+            use_in_batch_negatives=self.hparams.use_in_batch_negatives,
+            passage_ids=batch["passage_ids"], positive_ids=batch["positive_ids"],
+            remote_passage_emb=remote_emb, remote_passage_ids=remote_ids,
+            hard_negative_mask=self._teacher_mask(batch),
+        )
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Embeddings + sample positions for :class:`~nvr.evaluation.callback.RetrievalEvaluator`."""
+        return {"embeddings": self.encode(batch), "index": batch["index"]}
+
+    def _remote_passages(self, passage_emb: Tensor, passage_ids: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Other ranks' passages (with gradients) when cross-device negatives are on; equal shapes on all ranks
+        are guaranteed by the fixed batch shape of :class:`~nvr.training.datamodule.MinedDataModule`."""
+        if not (self.hparams.gather_across_devices and self.hparams.use_in_batch_negatives):
+            return None, None
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world <= 1:
+            return None, None
+        all_emb = self.all_gather(passage_emb, sync_grads=True)  # [W, B, 1+n, H]
+        all_ids = self.all_gather(passage_ids)
+        others = [r for r in range(world) if r != self.global_rank]
+        remote_emb = torch.cat([all_emb[r].reshape(-1, all_emb.shape[-1]) for r in others])
+        remote_ids = torch.cat([all_ids[r].reshape(-1) for r in others])
+        return remote_emb, remote_ids
+
+    def _teacher_mask(self, batch: dict[str, Any]) -> Tensor | None:
+        perc = self.hparams.false_negative_perc
+        if perc is None or "negative_scores" not in batch or "positive_scores" not in batch:
+            return None
+        return teacher_false_negative_mask(batch["negative_scores"], batch["positive_scores"], perc)
+
+    # --------------------------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        if not decay and not no_decay:
+            raise ConfigError("model.embedder", "no trainable parameters (LoRA targets or frozen backbone?)")
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = lr_lambda(self.hparams.scheduler, self.hparams.warmup_steps, total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------------- FSDP2
+    def configure_model(self) -> None:
+        """Shard each transformer layer, the pooling head and the root with FSDP2 under ModelParallelStrategy."""
+        if self.device_mesh is None or getattr(self, "_fsdp_applied", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in transformer_layers(self.embedder.backbone):
+            fully_shard(layer, mesh=mesh)
+        if any(True for _ in self.embedder.pooler.parameters()):
+            fully_shard(self.embedder.pooler, mesh=mesh)
+        fully_shard(self.embedder, mesh=mesh)
+        self._fsdp_applied = True
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def _trainable_only(self) -> bool:
+        return self.embedder_config.lora is not None and self.device_mesh is None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self._trainable_only() or "state_dict" not in checkpoint:
+            return
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint[PARTIAL_KEY] = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not checkpoint.get(PARTIAL_KEY):
+            return
+        current = self.state_dict()
+        unknown = sorted(set(checkpoint["state_dict"]) - set(current))
+        if unknown:
+            raise InputError(f"checkpoint has tensors this model lacks, e.g. {unknown[:3]} (different LoRA config?)")
+        checkpoint["state_dict"] = {**current, **checkpoint["state_dict"]}
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _validate(temperature: float, perc: float | None, lr: float, weight_decay: float, warmup: int,
+              scheduler: str) -> None:
+    if temperature <= 0:
+        raise ConfigError("model.temperature", f"must be > 0, got {temperature}")
+    if perc is not None and not 0 < perc <= 2:
+        raise ConfigError("model.false_negative_perc", f"must be in (0, 2] or null, got {perc}")
+    if lr <= 0:
+        raise ConfigError("model.lr", f"must be > 0, got {lr}")
+    if weight_decay < 0:
+        raise ConfigError("model.weight_decay", f"must be >= 0, got {weight_decay}")
+    if warmup < 0:
+        raise ConfigError("model.warmup_steps", f"must be >= 0, got {warmup}")
+    if scheduler not in ("linear", "cosine", "constant"):
+        raise ConfigError("model.scheduler", f"must be linear|cosine|constant, got {scheduler!r}")
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the base lr at optimizer step ``s``: linear warm-up, then linear/cosine decay to 0 or flat."""
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+def teacher_false_negative_mask(negative_scores: Tensor, positive_scores: Tensor, perc: float) -> Tensor:
+    """``[B, n]`` True where a negative's teacher score reaches ``perc`` of its positive's (TopK-PercPos rule,
+    sign-safe ``anchor - |anchor| * (1 - perc)``); unknown (nan) scores never mask."""
+    anchor = positive_scores.unsqueeze(1).float()
+    threshold = anchor - anchor.abs() * (1.0 - perc)
+    mask = negative_scores.float() >= threshold
+    return mask & ~torch.isnan(negative_scores) & ~torch.isnan(anchor)
+
+
+def transformer_layers(backbone: nn.Module) -> list[nn.Module]:
+    """The repeated blocks (the longest ModuleList of same-class modules): one FSDP unit each."""
+    best: list[nn.Module] = []
+    for module in backbone.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best):
+            kinds = {type(m) for m in module}
+            if len(kinds) == 1:
+                best = list(module)
+    return best
+
+
+def load_warm_start(embedder: Embedder, source: str) -> None:
+    """Copy weights from a Lightning checkpoint (``embedder.*`` keys) or an Embedder folder into ``embedder``."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ConfigError("model.init_from", f"{source}: no such checkpoint or folder")
+    if path.is_dir():
+        state = Embedder.from_pretrained(path).state_dict()
+    else:
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=False)
+        if "state_dict" not in checkpoint:
+            raise InputError("not a Lightning checkpoint (no 'state_dict')", path)
+        state = {k[len("embedder."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("embedder.")}
+    own = embedder.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown or not state:
+        raise InputError(f"weights do not fit this model (e.g. unexpected {unknown[:3]}); same embedder config "
+                         "(pooling, LoRA) as the source run?", path)
+    mismatched = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if mismatched:
+        raise InputError(f"shape mismatch for {mismatched[:3]}", path)
+    embedder.load_state_dict(state, strict=False)
+    log.info("init_from %s: loaded %d of %d tensors", path, len(state), len(own))

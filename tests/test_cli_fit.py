@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from _training_data import write_fake_mined
+
+from nvr.cli.lightning_cli import main
+from nvr.utils.errors import ConfigError
+
+
+def _config(tmp_path: Path, model_dir: Path, beir_dir: Path) -> Path:
+    mined = write_fake_mined(beir_dir, tmp_path / "mined", num_negatives=2)
+    cfg = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "logger": False,
+                    "enable_progress_bar": False, "enable_model_summary": False, "val_check_interval": 2,
+                    "check_val_every_n_epoch": None, "num_sanity_val_steps": 0,
+                    "default_root_dir": str(tmp_path / "run")},
+        "model": {"embedder": {"model_name_or_path": str(model_dir), "pooling": "mean"}, "lr": 1e-3,
+                  "warmup_steps": 1},
+        "data": {"mined_dir": str(mined), "num_negatives": 2, "batch_size": 2, "query_max_length": 16,
+                 "passage_max_length": 32,
+                 "eval_sets": [{"name": "tiny", "path": str(beir_dir), "split": "test"}]},
+    }
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def test_print_config_shows_linked_defaults(tiny_bert_dir, tiny_beir_dir, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(_config(tmp_path, tiny_bert_dir, tiny_beir_dir)), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["temperature"] == 0.02 and printed["data"]["batch_size"] == 2
+
+
+def test_fit_then_resume_with_ckpt_path_last_then_validate(tiny_bert_dir, tiny_beir_dir, tmp_path) -> None:
+    config = _config(tmp_path, tiny_bert_dir, tiny_beir_dir)
+    main(["fit", "--config", str(config)])
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "last.ckpt").exists() and (tmp_path / "run" / "config.yaml").exists()
+    assert any(p.name.startswith("step=2-ndcg=") for p in ckpts.iterdir())  # monitored val/ndcg@10
+    main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "3"])
+    state = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 3
+    assert main(["validate", "--config", str(config), "--ckpt_path", str(ckpts / "last.ckpt")]) == 0
+
+
+def test_unknown_subcommand_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="fit"):
+        main(["test"])
