@@ -1,8 +1,9 @@
 """Build (or load from cache) one teacher's candidate table: the only expensive step of a mining run.
 
 A teacher is anything with ``name``, ``settings_fingerprint`` and ``rank_corpus(query_texts, corpus, k, pair_idx,
-doc_order, memory_mb) -> (scores[Q, k], idx[Q, k], pair_scores[Q, P])`` (DenseTeacher, BM25Teacher). The table is
-cached under ``cache_dir/tables/<fingerprint>`` so a sweep of filters and samplers re-runs in seconds.
+doc_order, memory_mb) -> (scores[Q, k], idx[Q, k], pair_scores[Q, P])`` (DenseTeacher, BM25Teacher, RandomTeacher;
+a teacher with ``uses_query_ids = True`` also gets ``query_ids=``). The table is cached under
+``cache_dir/tables/<fingerprint>`` so a sweep of filters and samplers re-runs in seconds.
 """
 
 from __future__ import annotations
@@ -80,7 +81,10 @@ def build_candidate_table(
 
     started = time.monotonic()
     if ids:
-        scores, idx, pos_scores = teacher.rank_corpus(texts, corpus, k, pos_idx, doc_id_order(corpus.ids), memory_mb)
+        by_id = {"query_ids": ids} if getattr(teacher, "uses_query_ids", False) else {}
+        scores, idx, pos_scores = teacher.rank_corpus(
+            texts, corpus, k, pos_idx, doc_id_order(corpus.ids), memory_mb, **by_id
+        )
     else:
         scores, idx = np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         pos_scores = np.zeros(pos_idx.shape, np.float32)

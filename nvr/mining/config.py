@@ -50,11 +50,19 @@ class TeacherConfig:
 
     name: str = "teacher"
     """Label recorded as provenance of each negative."""
-    kind: Literal["dense", "bm25"] = "dense"
+    kind: Literal["dense", "bm25", "random"] = "dense"
+    """``random``: ``depth`` corpus docs drawn uniformly per query with random scores and no positive scores
+    (paper Table 1 "random" row); use it with ``filter.method: naive_topk`` (positive-aware filters need scores)."""
     model_name_or_path: str | None = None
     """HF hub id or local folder (dense teachers)."""
     pooling: Pooling = "mean"
     normalize: bool = True
+    add_eos: bool = False
+    """Append the EOS token to every text (e5-mistral: last-token pooling reads the appended EOS)."""
+    bidirectional: bool = False
+    """Decoder teachers only: load with bidirectional attention (a teacher trained that way, e.g. NV-Retriever)."""
+    trust_remote_code: bool = False
+    """Let transformers run the model repository's own code (tokenizer / config / model classes)."""
     query_prefix: str = ""
     passage_prefix: str = ""
     query_max_length: int = 512

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 MANIFEST_FORMAT = "nvr-mined/1"
 # Config keys that say where things go, not what is mined: left out of the manifest and the fingerprint.
 _LOCATION_KEYS = ("output_dir", "overwrite", "cache_dir")
+POSITIVE_AWARE_FILTERS = ("topk_marginpos", "topk_percpos")
 _VERSIONED = ("nvr", "numpy", "torch", "transformers", "faiss-cpu", "faiss-gpu", "bm25s", "pyarrow")
 
 
@@ -104,8 +105,14 @@ def load_data(src: DataSource) -> MiningData:
     return MiningData(queries, {q: list(positives[q]) for q in queries.ids}, corpus, skipped)
 
 
-def make_teacher(cfg: TeacherConfig, cache_dir: str | Path):
-    """A ``DenseTeacher`` or ``BM25Teacher`` for one teacher config."""
+def make_teacher(cfg: TeacherConfig, cache_dir: str | Path, seed: int | None = None):
+    """A ``DenseTeacher``, ``BM25Teacher`` or ``RandomTeacher`` (which needs the mining ``seed``) for one config."""
+    if cfg.kind == "random":
+        from nvr.teachers.random import RandomTeacher
+
+        if seed is None:
+            raise ValueError(f"teacher {cfg.name!r} is random: make_teacher needs the mining seed")
+        return RandomTeacher(cfg, seed)
     if cfg.kind == "bm25":
         from nvr.teachers.bm25 import BM25Teacher
 
@@ -148,6 +155,11 @@ def check_feasible(cfg: MineConfig, data: MiningData) -> None:
 
 def check_selection_config(cfg: MineConfig) -> None:
     """Fail before any encoding on combinations that cannot work."""
+    random_teachers = [t.name for t in cfg.teachers if t.kind == "random"]
+    if random_teachers and cfg.cross_encoder is None and cfg.filter.method in POSITIVE_AWARE_FILTERS:
+        raise ConfigError("filter.method", f"random teacher(s) {random_teachers} give positives no score, so "
+                                           f"{cfg.filter.method} would keep nothing; use naive_topk (or add a "
+                                           "cross_encoder to score the random candidates)")
     if cfg.ensemble.startswith("intra_sample") and cfg.sampler.method != "topk":
         raise ConfigError("sampler.method", f"{cfg.ensemble} merges survivors in rank order; use sampler.method topk")
     if cfg.sampler.method != "topk" and cfg.sampler.window < cfg.num_negatives:
@@ -192,7 +204,7 @@ def run_mining(cfg: MineConfig) -> MiningResult:
     check_selection_config(cfg)
     data = load_data(cfg.data)
     check_feasible(cfg, data)
-    teachers = [make_teacher(t, cfg.cache_dir) for t in cfg.teachers]
+    teachers = [make_teacher(t, cfg.cache_dir, cfg.seed) for t in cfg.teachers]
     tables = build_tables(cfg, teachers, data, cfg.depth)
     results = [apply_filter(t, cfg.filter) for t in tables]
     selection, per_teacher = select_negatives(cfg, tables, results)
