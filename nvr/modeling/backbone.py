@@ -54,9 +54,12 @@ def load_tokenizer(cfg: EmbedderConfig, path: str | None = None):
     """The backbone's tokenizer, right padding, pad = EOS when missing."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        path or resolve_model_path(cfg.model_name_or_path), trust_remote_code=cfg.trust_remote_code
-    )
+    source = path or resolve_model_path(cfg.model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except OSError as err:  # a missing folder, or a hub id that is neither cached nor reachable (offline)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError("embedder.model_name_or_path", f"cannot load {source!r}: {first}") from err
     tokenizer.padding_side = "right"
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:

@@ -1,4 +1,4 @@
-"""Dense teacher: an Embedder used as trained (causal decoders stay causal) with cached, sharded embeddings."""
+"""Dense teacher: an Embedder used as trained (causal unless ``bidirectional``) with cached, sharded embeddings."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from nvr.mining.search import exact_topk, score_pairs
 from nvr.teachers.cache import EmbeddingCache, dist_rank_world, embedding_key
 from nvr.utils.atomic import write_text_atomic
 from nvr.utils.hashing import sha256_json
-from nvr.utils.models import resolve_model_path
+from nvr.utils.models import check_model_source, resolve_model_path
 
 log = logging.getLogger(__name__)
+# TeacherConfig fields that change the embeddings (the memoized fingerprint is keyed by them).
+_FINGERPRINT_SETTINGS = ("pooling", "normalize", "dtype", "add_eos", "bidirectional", "trust_remote_code")
 
 
 def pick_device(device: str) -> str:
@@ -36,8 +38,9 @@ class DenseTeacher:
     """Encode queries / passages with ``cfg``'s model through an :class:`EmbeddingCache` under ``cache_dir``.
 
     The model loads lazily (first fingerprint or encode). A folder saved by ``Embedder.save_pretrained`` (an nvr
-    checkpoint, e.g. for iterative self-mining) is loaded with its own pooling head; anything else is an HF model
-    with ``cfg.pooling``.
+    checkpoint, e.g. for iterative self-mining) is loaded with its own pooling head, ``add_eos`` and attention
+    direction; anything else is an HF model with ``cfg.pooling``, ``add_eos``, ``bidirectional`` and
+    ``trust_remote_code``.
     """
 
     kind = "dense"
@@ -47,6 +50,7 @@ class DenseTeacher:
             from nvr.utils.errors import ConfigError
 
             raise ConfigError(f"teachers[{cfg.name}].model_name_or_path", "required for a dense teacher")
+        check_model_source(cfg.model_name_or_path, f"teachers[{cfg.name}].model_name_or_path")
         self.cfg = cfg
         self.name = cfg.name
         self.cache = EmbeddingCache(Path(cache_dir) / "embeddings")
@@ -72,8 +76,9 @@ class DenseTeacher:
         else:
             emb_cfg = EmbedderConfig(
                 model_name_or_path=self.cfg.model_name_or_path, pooling=self.cfg.pooling,
-                normalize=self.cfg.normalize, bidirectional=False, dtype=self.cfg.dtype,
-                max_length=max(self.cfg.query_max_length, self.cfg.passage_max_length),
+                normalize=self.cfg.normalize, bidirectional=self.cfg.bidirectional, dtype=self.cfg.dtype,
+                max_length=max(self.cfg.query_max_length, self.cfg.passage_max_length), add_eos=self.cfg.add_eos,
+                trust_remote_code=self.cfg.trust_remote_code,
             )
             embedder = Embedder.from_config(emb_cfg)
         log.info("teacher %s: loaded %s on %s (%s)", self.name, path, self.device, self.cfg.dtype)
@@ -81,9 +86,10 @@ class DenseTeacher:
 
     @property
     def fingerprint(self) -> str:
-        """Model weights + pooling/dtype/normalization (``Embedder.fingerprint``), computed once per model folder.
+        """Model weights + pooling/dtype/normalization/EOS/attention direction (``Embedder.fingerprint``).
 
-        The weight hash is memoized under ``cache_dir/fingerprints`` keyed by the folder's file names, sizes and
+        ``trust_remote_code`` (other model classes) is mixed in only when set, so existing caches stay valid. The
+        weight hash is memoized under ``cache_dir/fingerprints`` keyed by the folder's file names, sizes and
         mtimes, so a re-run over cached embeddings and tables never loads (or hashes) a large model again.
         """
         if self._fingerprint is None:
@@ -91,7 +97,7 @@ class DenseTeacher:
             if memo is not None and memo.exists():
                 self._fingerprint = memo.read_text(encoding="utf-8").strip()
             else:
-                self._fingerprint = self.embedder.fingerprint()
+                self._fingerprint = self._embedder_fingerprint()
                 if memo is not None:
                     write_text_atomic(memo, self._fingerprint)
         return self._fingerprint
@@ -102,8 +108,14 @@ class DenseTeacher:
             return None
         files = sorted(p for p in folder.rglob("*") if p.is_file())
         stats = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-        settings = {k: getattr(self.cfg, k) for k in ("pooling", "normalize", "dtype")}
+        settings = {k: getattr(self.cfg, k) for k in _FINGERPRINT_SETTINGS}
         return self.fingerprint_dir / sha256_json({"folder": str(folder.resolve()), "files": stats, **settings})
+
+    def _embedder_fingerprint(self) -> str:
+        weights = self.embedder.fingerprint()
+        if not self.cfg.trust_remote_code:
+            return weights
+        return sha256_json({"embedder": weights, "trust_remote_code": True})
 
     settings_fingerprint = fingerprint
 

@@ -32,3 +32,16 @@ def resolve_model_path(name_or_path: str) -> str:
         return os.path.expanduser(name_or_path)
     local = packaged_model_dir(name_or_path)
     return str(local) if local is not None else name_or_path
+
+
+def looks_like_local_path(name_or_path: str) -> bool:
+    """True for names that can only mean a folder (absolute, ``./``, ``../``, ``~`` or more than one ``/``)."""
+    return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or os.path.isfile(name_or_path)
+
+
+def check_model_source(name_or_path: str, key: str) -> None:
+    """Fail early, naming the config ``key``, when a model is given as a local path that is not a folder."""
+    from nvr.utils.errors import ConfigError
+
+    if looks_like_local_path(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise ConfigError(key, f"model folder {name_or_path!r} does not exist (or is not a folder)")
