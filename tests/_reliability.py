@@ -69,11 +69,19 @@ def append_line(path: Path, new: str | bytes) -> int:
     return len(path.read_bytes().rstrip(b"\n").split(b"\n"))
 
 
-def mine_config(beir: Path, model: Path, out: Path, cache: Path, **overrides: Any) -> dict[str, Any]:
-    """A small ``nvr mine`` config (one tiny dense teacher) as a plain dict; ``overrides`` replace top-level keys."""
+def mine_config(beir: Path, model: Path, out: Path, cache: Path, shard_size: int | None = None,
+                **overrides: Any) -> dict[str, Any]:
+    """A small ``nvr mine`` config (one tiny dense teacher) as a plain dict; ``overrides`` replace top-level keys.
+
+    ``shard_size`` sets the teacher's embedding cache shard size (small shards let a test kill a run between two
+    shards, or split them across two ranks).
+    """
+    teacher: dict[str, Any] = {"name": "tiny", "model_name_or_path": str(model), "device": "cpu", "batch_size": 8}
+    if shard_size is not None:
+        teacher["shard_size"] = shard_size
     cfg: dict[str, Any] = {
         "data": {"beir_dir": str(beir)},
-        "teachers": [{"name": "tiny", "model_name_or_path": str(model), "device": "cpu", "batch_size": 8}],
+        "teachers": [teacher],
         "output_dir": str(out),
         "cache_dir": str(cache),
         "num_negatives": 3,

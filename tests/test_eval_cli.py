@@ -104,3 +104,22 @@ def test_minilm_on_cranfield_is_plausible(minilm_dir, cranfield_dir, tmp_path):
     print(f"all-MiniLM-L6-v2 cranfield test NDCG@10 = {ndcg:.4f}")
     assert 0.2 < ndcg < 0.6  # published-range sanity check (BM25 ~0.3 on this split), not a golden value
     assert result["datasets"]["cranfield"]["recall@100"] > ndcg
+
+
+def test_every_beir_folder_is_checked_before_the_model_loads(tiny_bert_dir, tiny_beir_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import nvr.evaluation.evaluate as evaluate_module
+    from nvr.utils.errors import InputError
+
+    monkeypatch.setattr(evaluate_module, "build_embedder", lambda *a, **k: pytest.fail("model loaded before checks"))
+    no_split = shutil.copytree(tiny_beir_dir, tmp_path / "no_split")
+    (no_split / "qrels" / "test.tsv").unlink()
+    no_queries = shutil.copytree(tiny_beir_dir, tmp_path / "no_queries")
+    (no_queries / "queries.jsonl").unlink()
+    cases = [(no_split, r"no_split/qrels/test.tsv: qrels for split 'test' not found \(available splits: \['train'\]"),
+             (no_queries, r"no_queries/queries.jsonl: queries file not found"),
+             (tmp_path / "missing", r"missing: BEIR folder not found")]
+    for bad, message in cases:
+        with pytest.raises(InputError, match=message):
+            evaluate_model(str(tiny_bert_dir), [str(tiny_beir_dir), str(bad)], cache_dir=None, device="cpu")

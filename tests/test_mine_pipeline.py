@@ -14,8 +14,9 @@ from nvr.data.beir import load_qrels
 from nvr.mining.config import DataSource, FilterConfig, MineConfig, SamplerConfig, TeacherConfig
 from nvr.mining.export import to_flagembedding, to_sentence_transformers
 from nvr.mining.mined_set import load_mined
-from nvr.mining.pipeline import mine, mining_fingerprint
+from nvr.mining.pipeline import content_config, mine, mining_fingerprint
 from nvr.mining.presets import PRESETS, get_preset
+from nvr.mining.report import summary_lines
 from nvr.utils.errors import ConfigError, InputError, OutputExistsError
 
 pytestmark = pytest.mark.slow
@@ -230,6 +231,55 @@ def test_fingerprint_ignores_output_location(tmp_path):
     moved = dataclasses.replace(cfg, output_dir=str(tmp_path / "b"), overwrite=True, cache_dir="x")
     assert mining_fingerprint(cfg) == mining_fingerprint(moved)
     assert mining_fingerprint(cfg) != mining_fingerprint(dataclasses.replace(cfg, seed=1))
+    # the embedding shard size changes how the work is cut up, not what is mined
+    resharded = dataclasses.replace(cfg, teachers=[dataclasses.replace(cfg.teachers[0], shard_size=7)])
+    assert mining_fingerprint(resharded) == mining_fingerprint(cfg)
+    assert "shard_size" not in content_config(resharded)["teachers"][0]
+    from nvr.training.datamodule import mining_fingerprint as mined_set_key
+
+    assert mined_set_key(resharded) == mined_set_key(cfg)
+
+
+def _recording_build_tables(monkeypatch) -> list[tuple[int, int]]:
+    """Patch the pipeline's ``build_tables`` to record (depth, number of query rows) of every call."""
+    import nvr.mining.pipeline as pipeline
+
+    calls: list[tuple[int, int]] = []
+    real = pipeline.build_tables
+
+    def recording(cfg, teachers, data, depth, rows=None):
+        calls.append((depth, len(data.queries) if rows is None else len(rows)))
+        return real(cfg, teachers, data, depth, rows)
+
+    monkeypatch.setattr(pipeline, "build_tables", recording)
+    return calls
+
+
+def test_zero_negative_rows_are_kept_and_counted(tiny_beir_dir, tiny_bert_dir, cache_dir, tmp_path, monkeypatch):
+    calls = _recording_build_tables(monkeypatch)
+    nothing_passes = FilterConfig(method="topk_abs", max_score=-2.0)  # below every cosine: 0 survivors
+    out = mine(make_cfg(tiny_beir_dir, tiny_bert_dir, tmp_path / "o", cache_dir, filter=nothing_passes))
+    assert calls == [(8, 10), (40, 10)]  # every query is short, so all are re-searched at max_depth
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["written"] == counts["kept_short"] == counts["kept_without_negatives"] == counts["empty"] == 10
+    assert all(e.negative_ids == [] for e in load_mined(out))
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows_without_negatives"] == 10 and report["short_rows"] == 10
+    assert "written 10: 10 with fewer than k negatives, 10 of them with 0 (in-batch negatives only); dropped 0" in (
+        summary_lines(report))
+
+
+def test_no_widening_when_depth_already_covers_the_corpus(tiny_beir_dir, tiny_bert_dir, cache_dir, tmp_path,
+                                                          monkeypatch):
+    calls = _recording_build_tables(monkeypatch)
+    # 60 docs, 2 positives per query: depth 60 lists the whole corpus, and PercPos leaves < 58 survivors
+    cfg = make_cfg(tiny_beir_dir, tiny_bert_dir, tmp_path / "o", cache_dir, depth=60, max_depth=100,
+                   num_negatives=58)
+    out = mine(cfg)
+    assert calls == [(60, 10)]  # short queries were not re-searched: a deeper search cannot find more
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["widened"] == 0 and counts["kept_short"] == counts["short"] > 0
+    assert counts["written"] == 10 and counts["kept_without_negatives"] == 0
 
 
 def test_repo_configs_parse(monkeypatch):

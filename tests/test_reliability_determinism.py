@@ -32,16 +32,17 @@ def as_mine_config(cfg: dict, **overrides) -> MineConfig:
 
 
 def test_one_and_two_process_mining_are_byte_identical(tiny_beir_dir, tiny_bert_dir, tmp_path) -> None:
-    single = mine_config(tiny_beir_dir, tiny_bert_dir, tmp_path / "one" / "out", tmp_path / "c1", sampler=SAMPLER)
-    double = mine_config(tiny_beir_dir, tiny_bert_dir, tmp_path / "two" / "out", tmp_path / "c2", sampler=SAMPLER)
+    single = mine_config(tiny_beir_dir, tiny_bert_dir, tmp_path / "one" / "out", tmp_path / "c1",
+                         shard_size=SHARD_SIZE, sampler=SAMPLER)
+    double = mine_config(tiny_beir_dir, tiny_bert_dir, tmp_path / "two" / "out", tmp_path / "c2",
+                         shard_size=SHARD_SIZE, sampler=SAMPLER)
     single_yaml, double_yaml = write_yaml(tmp_path / "one.yaml", single), write_yaml(tmp_path / "two.yaml", double)
-    shard = {"NVR_TEST_SHARD_SIZE": str(SHARD_SIZE)}
     logs = [tmp_path / f"{name}.log" for name in ("one", "rank0", "rank1")]
     encodes = [tmp_path / f"{name}.tsv" for name in ("one", "rank0", "rank1")]
-    procs = [start_nvr(["--config", str(single_yaml)], subprocess_env(**shard, NVR_TEST_ENCODE_LOG=str(encodes[0])),
+    procs = [start_nvr(["--config", str(single_yaml)], subprocess_env(NVR_TEST_ENCODE_LOG=str(encodes[0])),
                        "reliability_mine.py", logs[0])]
     for rank in (0, 1):
-        env = subprocess_env(**shard, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+        env = subprocess_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                              NVR_TEST_ENCODE_LOG=str(encodes[1 + rank]))
         procs.append(start_nvr(["--config", str(double_yaml)], env, "reliability_mine.py", logs[1 + rank]))
     for proc, log in zip(procs, logs):

@@ -193,7 +193,12 @@ def test_config_file_missing_or_not_yaml(job, tmp_path: Path, capsys) -> None:
     broken = tmp_path / "broken.yaml"
     broken.write_text("data: {beir_dir: x\n", encoding="utf-8")
     code, err = run_mine(broken, capsys=capsys)
-    assert_refused(code, err, "line 2", out=tmp_path / "runs" / "out")
+    assert_refused(code, err, f"{broken}:2: invalid YAML", "line 2", out=tmp_path / "runs" / "out")
+    assert "<unicode string>" not in err
+    misindented = tmp_path / "misindented.yaml"
+    misindented.write_text("seed: 1\nnum_negatives: 4\n  depth: 8\n", encoding="utf-8")
+    code, err = run_mine(misindented, capsys=capsys)
+    assert_refused(code, err, f"{misindented}:3: invalid YAML", "column 8", out=tmp_path / "runs" / "out")
 
 
 # ---------------------------------------------------------------------------------------------- outputs

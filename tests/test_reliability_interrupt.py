@@ -38,22 +38,23 @@ def encoded(log: Path, what: str) -> int:
 
 def test_kill_during_corpus_encoding_resumes_from_finished_shards(tiny_beir_dir, tiny_bert_dir, tmp_path) -> None:
     ref_out, out = tmp_path / "ref" / "out", tmp_path / "run" / "out"
-    ref_cfg = write_yaml(tmp_path / "ref.yaml", mine_config(tiny_beir_dir, tiny_bert_dir, ref_out, tmp_path / "c0"))
-    cfg = write_yaml(tmp_path / "run.yaml", mine_config(tiny_beir_dir, tiny_bert_dir, out, tmp_path / "c1"))
+    ref_cfg = write_yaml(tmp_path / "ref.yaml", mine_config(tiny_beir_dir, tiny_bert_dir, ref_out, tmp_path / "c0",
+                                                            shard_size=SHARD_SIZE))
+    cfg = write_yaml(tmp_path / "run.yaml", mine_config(tiny_beir_dir, tiny_bert_dir, out, tmp_path / "c1",
+                                                        shard_size=SHARD_SIZE))
     ref_log, log1, log2 = tmp_path / "ref.log", tmp_path / "run1.log", tmp_path / "run2.log"
     enc1, enc2 = tmp_path / "encode1.tsv", tmp_path / "encode2.tsv"
-    shard_env = {"NVR_TEST_SHARD_SIZE": str(SHARD_SIZE)}
 
-    ref = start_nvr(["--config", str(ref_cfg)], subprocess_env(**shard_env), "reliability_mine.py", ref_log)
+    ref = start_nvr(["--config", str(ref_cfg)], subprocess_env(), "reliability_mine.py", ref_log)
     victim = start_nvr(["--config", str(cfg)], subprocess_env(
-        **shard_env, NVR_TEST_ENCODE_LOG=str(enc1), NVR_TEST_ENCODE_SLEEP="0.4"), "reliability_mine.py", log1)
+        NVR_TEST_ENCODE_LOG=str(enc1), NVR_TEST_ENCODE_SLEEP="0.4"), "reliability_mine.py", log1)
     wait_until(lambda: len(passage_shards(tmp_path / "c1")) >= 3, victim, timeout=240, log=log1)
     kill(victim)
     finished = passage_shards(tmp_path / "c1")
     assert 3 <= len(finished) < 8, "killed too late: the corpus was fully encoded"
     assert not out.exists()
 
-    resumed = start_nvr(["--config", str(cfg)], subprocess_env(**shard_env, NVR_TEST_ENCODE_LOG=str(enc2)),
+    resumed = start_nvr(["--config", str(cfg)], subprocess_env(NVR_TEST_ENCODE_LOG=str(enc2)),
                         "reliability_mine.py", log2)
     finish(resumed, log2)
     finish(ref, ref_log)

@@ -36,7 +36,7 @@ def test_cache_resumes_after_crash_and_reuses(tmp_path) -> None:
     crashing = CountingEncoder(fail_after=2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         cache.get_or_encode(key, TEXTS, crashing, shard_size=3)  # 4 shards, dies on the third
-    folder = cache.folder(key, TEXTS, 3)
+    folder = cache.folder(key, TEXTS)
     assert sorted(p.name for p in folder.glob("shard-*.npy")) == ["shard-00000.npy", "shard-00001.npy"]
     assert not list(folder.glob(".*tmp")), "no half-written temp files may remain"
 
@@ -92,6 +92,59 @@ def test_waiting_rank_times_out_with_clear_error(tmp_path) -> None:
     cache = EmbeddingCache(tmp_path, wait_timeout_s=0.2, poll_s=0.05)
     with pytest.raises(TimeoutError, match=r"rank 0: .*shard-00001.npy.*did a rank crash"):
         cache.get_or_encode("k", TEXTS, CountingEncoder(), shard_size=5, rank=0, world_size=2)
+
+
+def test_shard_size_is_kept_out_of_the_key_and_a_resume_keeps_its_own(tmp_path) -> None:
+    cache = EmbeddingCache(tmp_path)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cache.get_or_encode("k", TEXTS, CountingEncoder(fail_after=2), shard_size=3)
+    resumed = CountingEncoder()  # asks for shards of 4, but the folder was started with 3: its shards are reused
+    out = cache.get_or_encode("k", TEXTS, resumed, shard_size=4)
+    assert resumed.calls == [TEXTS[6:9], TEXTS[9:]]
+    np.testing.assert_array_equal(out, expected(TEXTS, 3))
+    finished = CountingEncoder()  # any shard size reuses the finished embeddings
+    np.testing.assert_array_equal(cache.get_or_encode("k", TEXTS, finished, shard_size=10000), out)
+    assert finished.calls == [] and len(list(tmp_path.iterdir())) == 1
+
+
+def test_stale_temp_files_of_a_killed_run_are_removed_on_resume(tmp_path) -> None:
+    import os
+
+    from nvr.teachers import cache as cache_module
+
+    cache = EmbeddingCache(tmp_path, wait_timeout_s=0.2, poll_s=0.05)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cache.get_or_encode("k", TEXTS, CountingEncoder(fail_after=1), shard_size=5)
+    folder = cache.folder("k", TEXTS)
+    stale, live = folder / ".shard-00001.npy.x1.tmp", folder / ".shard-00001.npy.x2.tmp"
+    for tmp in (stale, live):
+        tmp.write_bytes(b"half a shard")
+    before = cache_module._PROCESS_START - 60
+    os.utime(stale, (before, before))  # written before this process started: a killed run's leftover
+    with pytest.raises(TimeoutError):  # 2 ranks: another rank may own any temp file, so none is touched
+        cache.get_or_encode("k", TEXTS, CountingEncoder(), shard_size=5, rank=0, world_size=2)
+    assert stale.exists() and live.exists()
+    np.testing.assert_array_equal(cache.get_or_encode("k", TEXTS, CountingEncoder(), shard_size=5),
+                                  expected(TEXTS, 5))
+    assert not stale.exists()
+    assert live.exists(), "a temp file written since this process started may belong to a live writer"
+
+
+def test_teacher_shard_size_is_validated_and_reaches_the_cache(tiny_bert_dir, tmp_path) -> None:
+    from nvr.mining.config import TeacherConfig
+    from nvr.teachers.dense import DenseTeacher
+    from nvr.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"teachers\[t\]\.shard_size.*must be > 0"):
+        TeacherConfig(name="t", model_name_or_path=str(tiny_bert_dir), shard_size=0)
+    cfg = TeacherConfig(name="t", model_name_or_path=str(tiny_bert_dir), shard_size=2, device="cpu")
+    teacher = DenseTeacher(cfg, tmp_path)
+    assert teacher.shard_size == 2 and DenseTeacher(cfg, tmp_path, shard_size=7).shard_size == 7
+    calls: list[int] = []
+    teacher.cache.get_or_encode = lambda key, texts, fn, shard_size, **kw: calls.append(shard_size)
+    teacher._fingerprint = "fixed"  # no model load: only the shard size handed to the cache matters here
+    teacher.encode_passages(["a", "b", "c"])
+    assert calls == [2]
 
 
 def test_encoder_with_wrong_shape_is_rejected(tmp_path) -> None:
@@ -156,12 +209,18 @@ def test_dense_teacher_encodes_through_cache(tiny_bert_dir, tmp_path, monkeypatc
     assert not np.allclose(queries, docs[:2]), "the query prefix must change the embedding"
     assert len(list((tmp_path / "embeddings").glob("*/embeddings.npy"))) == 2
 
-    fresh = DenseTeacher(cfg, tmp_path, shard_size=3)
     import nvr.modeling.encode as encode_mod
+    import nvr.teachers.dense as dense_mod
 
+    auto = DenseTeacher(TeacherConfig(name="tiny", model_name_or_path=str(tiny_bert_dir), query_prefix="query :",
+                                      query_max_length=16, passage_max_length=32, device="auto"), tmp_path, 3)
     monkeypatch.setattr(encode_mod, "encode_texts", lambda *a, **k: pytest.fail("cache miss"))
-    np.testing.assert_array_equal(fresh.encode_passages(passages), docs)
-    assert fresh.fingerprint == teacher.fingerprint
-    assert fresh._embedder is None, "a cached re-run must not load the model"
+    monkeypatch.setattr(dense_mod, "pick_device", lambda d: pytest.fail("device resolved (imports torch)"))
+    np.testing.assert_array_equal(auto.encode_passages(passages), docs)
+    assert auto.fingerprint == teacher.fingerprint
+    assert auto._embedder is None, "a cached re-run must not load the model"
+    assert auto._device is None, "a cached re-run must not resolve the device (torch import)"
+    monkeypatch.setattr(dense_mod, "pick_device", lambda d: "cpu")
+    assert auto.device == "cpu"
     other = DenseTeacher(TeacherConfig(name="cls", model_name_or_path=str(tiny_bert_dir), pooling="cls"), tmp_path)
     assert other.fingerprint != teacher.fingerprint

@@ -162,3 +162,35 @@ def test_helpers_and_config_errors(tiny_bert_dir, tmp_path) -> None:
         MinedDataModule(tokenizer=str(tiny_bert_dir))
     with pytest.raises(InputError, match="no mined set"):
         MinedDataModule(mined_dir=str(tmp_path / "nothing"), tokenizer=str(tiny_bert_dir)).prepare_data()
+
+
+def test_examples_with_zero_negatives_train_on_masked_slots(tiny_bert_dir, mined30, tmp_path, caplog) -> None:
+    """``shortfall: keep_short`` may write rows with no negative: their slots are padding, the loss stays finite."""
+    import json
+
+    from nvr.training.loss import PAD_ID
+    from nvr.training.sampler import SampleKey
+
+    rows = [json.loads(line) for line in (mined30 / "mined.jsonl").read_text(encoding="utf-8").splitlines()]
+    for i, row in enumerate(rows):  # 0, 1 or 3 stored negatives
+        row["negatives"] = [] if i % 3 == 0 else row["negatives"][: 1 if i % 3 == 1 else 3]
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "mined.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    empty = sum(1 for i in range(len(rows)) if i % 3 == 0)
+
+    data = _data(tiny_bert_dir, short, num_negatives=2)
+    with caplog.at_level("WARNING", logger="nvr.training.datamodule"):
+        data.setup("fit")
+    assert f"have fewer than 2 negatives ({empty} have none and train on in-batch negatives only)" in caplog.text
+    collate = data.train_dataloader().collate_fn
+    batch = collate([data.train_dataset[SampleKey(0, 0, i)] for i in range(3)])
+    assert batch["passage_ids"].shape == (3, 3)
+    assert (batch["passage_ids"][:, 0] != PAD_ID).all()  # the positive is always real
+    assert ((batch["passage_ids"][:, 1:] == PAD_ID) == torch.tensor([[1, 1], [0, 1], [0, 0]]).bool()).all()
+    assert torch.isnan(batch["negative_scores"][0]).all() and not torch.isnan(batch["negative_scores"][2]).any()
+
+    module = _module(tiny_bert_dir)
+    trainer = _trainer(tmp_path / "fit", 2, [])
+    trainer.fit(module, datamodule=_data(tiny_bert_dir, short, num_negatives=2))
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -23,6 +23,7 @@ from nvr.mining.config import MineConfig
 from nvr.mining.presets import PRESETS, get_preset
 from nvr.mining.report import summary_lines
 from nvr.teachers.cache import dist_rank_world
+from nvr.utils.errors import InputError
 
 _EXTRA = ("config", "preset", "export", "export_path", "print_config")
 EXPORTS = {"st": "sentence_transformers.jsonl", "flag": "flagembedding.jsonl"}
@@ -55,8 +56,39 @@ def _apply_preset(parser: ArgumentParser, name: str) -> None:
     parser.set_defaults(defaults)
 
 
+def _config_paths(argv: list[str]) -> list[str]:
+    """The files given with ``--config`` (repeatable), in order."""
+    paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    return paths + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+
+
+def check_yaml_syntax(path: str | Path) -> None:
+    """Raise ``InputError(file, line)`` for a YAML syntax error in a config file.
+
+    jsonargparse parses the file's text, so its own message names ``<unicode string>`` instead of the file. Only
+    the syntax is checked here (``yaml.compose``: no values are built); a missing file is left to jsonargparse.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        with open(path, encoding="utf-8") as fh:
+            yaml.compose(fh, Loader=yaml.SafeLoader)
+    except UnicodeDecodeError as err:
+        raise InputError(f"config is not valid UTF-8 ({err.reason} at byte {err.start})", path) from err
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = "; ".join(part for part in (err.context, err.problem) if part) or "syntax error"
+        raise InputError(f"invalid YAML: {problem}{where}", path, mark.line + 1 if mark else None) from err
+
+
 def parse_config(argv: list[str]) -> tuple[MineConfig, dict]:
     """``MineConfig`` plus the CLI-only options (``preset``, ``export``, ``export_path``)."""
+    for path in _config_paths(argv):
+        check_yaml_syntax(path)
     parser = build_parser()
     preset = _preset_name(argv)
     if preset is not None:

@@ -75,7 +75,8 @@ def build(args: QuickstartArgs):
                            num_negatives=min(2, args.num_negatives), batch_size=args.batch_size, seed=args.seed,
                            eval_sets=[eval_set], eval_batch_size=64)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=args.max_steps, val_check_interval=None, check_val_every_n_epoch=None,
+        # validation runs only in the explicit before/after calls, not during fit (each costs a corpus encode)
+        accelerator="cpu", devices=1, max_steps=args.max_steps, check_val_every_n_epoch=10**6,
         callbacks=[RetrievalEvaluator()], logger=CSVLogger(str(out), name="logs"), default_root_dir=str(out),
         enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=5, enable_model_summary=False,
     )

@@ -237,19 +237,29 @@ def load_qrels(path: str | Path, corpus: Corpus | None = None, queries: Queries 
     return qrels
 
 
-def load_beir(folder: str | Path, split: str = "test", empty_docs: EmptyDocs = "warn") -> BeirDataset:
-    """Load ``folder/{corpus,queries}.jsonl[.gz]`` and ``folder/qrels/<split>.tsv``, cross-checking ids."""
+def beir_files(folder: str | Path, split: str = "test") -> tuple[Path, Path, Path]:
+    """``(corpus, queries, qrels)`` paths of a BEIR folder, or the ``InputError`` that ``load_beir`` would raise.
+
+    Cheap (no file is read), so commands can check every folder before an expensive step such as loading a model.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError("BEIR folder not found", folder)
-    corpus = load_corpus(_find_jsonl(folder, "corpus"), empty_docs=empty_docs)
-    queries = load_queries(_find_jsonl(folder, "queries"))
+    corpus, queries = _find_jsonl(folder, "corpus"), _find_jsonl(folder, "queries")
     qrels_path = folder / "qrels" / f"{split}.tsv"
     if not qrels_path.is_file():
         available = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
         raise InputError(f"qrels for split {split!r} not found (available splits: {available or 'none'})", qrels_path)
+    return corpus, queries, qrels_path
+
+
+def load_beir(folder: str | Path, split: str = "test", empty_docs: EmptyDocs = "warn") -> BeirDataset:
+    """Load ``folder/{corpus,queries}.jsonl[.gz]`` and ``folder/qrels/<split>.tsv``, cross-checking ids."""
+    corpus_path, queries_path, qrels_path = beir_files(folder, split)
+    corpus = load_corpus(corpus_path, empty_docs=empty_docs)
+    queries = load_queries(queries_path)
     qrels = load_qrels(qrels_path, corpus=corpus, queries=queries)
-    return BeirDataset(folder.name, corpus, queries, qrels)
+    return BeirDataset(Path(folder).name, corpus, queries, qrels)
 
 
 def positives_from_qrels(

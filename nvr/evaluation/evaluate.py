@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from nvr.data.beir import beir_files
 from nvr.evaluation.data import EvalSet, EvalSetConfig, load_eval_set
 from nvr.evaluation.retrieval import evaluate_embeddings, mean_over_datasets
 from nvr.modeling.config import EmbedderConfig
@@ -191,6 +192,8 @@ def evaluate_model(
         raise ConfigError("batch_size", f"must be > 0, got {batch_size}")
     if output is not None and Path(output).exists() and not overwrite:
         raise OutputExistsError(output)
+    for folder in beir_dirs:  # a typo in the last --beir must not cost a model load and the first encodes
+        beir_files(folder, split)
     settings = resolve_settings(resolve_model_path(model), pooling=pooling, normalize=normalize,
                                 max_length=max_length, query_instruction=query_instruction,
                                 passage_prefix=passage_prefix, mask_instruction=mask_instruction)

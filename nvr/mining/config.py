@@ -18,6 +18,9 @@ AnchorPolicy = Literal["min", "mean", "max"]
 ShortfallPolicy = Literal["drop", "keep_short"]
 Pooling = Literal["mean", "cls", "last_token"]
 DType = Literal["float32", "bfloat16", "float16"]
+TEACHER_RUNTIME_KEYS = ("shard_size",)
+"""TeacherConfig fields that change how the work is cut up, never its result: left out of every fingerprint of a
+mining job (manifest config, mined-set cache key), so setting them keeps existing caches and mined sets valid."""
 
 
 @dataclass
@@ -71,11 +74,15 @@ class TeacherConfig:
     dtype: DType = "float32"
     device: str = "auto"
     """'auto' picks cuda when present, else cpu."""
+    shard_size: int = 10000
+    """Texts per embedding cache shard, each saved as soon as it is encoded: a killed run loses at most one
+    shard of work. Not part of any cache key: finished embeddings are reused whatever the shard size, and an
+    interrupted folder resumes with the shard size it was started with."""
 
     def __post_init__(self) -> None:
         if self.kind == "dense" and not self.model_name_or_path:
             raise ConfigError(f"teachers[{self.name}].model_name_or_path", "required for a dense teacher")
-        for key in ("query_max_length", "passage_max_length", "batch_size"):
+        for key in ("query_max_length", "passage_max_length", "batch_size", "shard_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"teachers[{self.name}].{key}", f"must be > 0, got {getattr(self, key)}")
 
@@ -146,9 +153,14 @@ class MineConfig:
     depth: int = 100
     """Candidates retrieved per query before filtering."""
     max_depth: int = 1000
-    """Shortfall policy step 1: re-search up to this depth when fewer than num_negatives survive."""
+    """Shortfall policy step 1: re-search up to this depth when fewer than num_negatives survive (skipped when
+    ``depth`` already covers the whole corpus: a deeper search cannot find more)."""
     shortfall: ShortfallPolicy = "keep_short"
-    """Shortfall policy step 2 after widening: drop the query, or keep it with fewer negatives (never padded)."""
+    """Shortfall policy step 2 after widening: ``drop`` the query, or ``keep_short``: keep it with fewer negatives
+    (never padded). ``keep_short`` also keeps queries whose filter left 0 negatives, on purpose: they still train
+    against the in-batch negatives (the other queries' passages), and training masks their empty hard-negative
+    slots. ``manifest.json`` counts them as ``kept_without_negatives`` and the run summary prints them; use
+    ``drop`` to train only on queries with all ``num_negatives`` hard negatives."""
     filter: FilterConfig = field(default_factory=FilterConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     ensemble: EnsembleMethod = "none"

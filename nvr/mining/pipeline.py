@@ -9,7 +9,9 @@ Output folder (written atomically; an existing one is refused unless ``overwrite
 - ``audit.parquet`` when ``cfg.audit``.
 
 Shortfall policy: queries with fewer than ``num_negatives`` survivors are re-built at ``max_depth`` and re-selected
-(step 1); those still short are then dropped or kept short (step 2, ``cfg.shortfall``). Rows are never padded.
+(step 1, skipped when ``depth`` already covers the whole corpus); those still short are then dropped or kept short
+(step 2, ``cfg.shortfall``). Rows are never padded; ``keep_short`` may write rows with no negative at all
+(counted as ``kept_without_negatives``), which train on in-batch negatives only.
 Positive scores in ``mined.jsonl`` come from the first teacher.
 """
 
@@ -32,7 +34,7 @@ from nvr.data.beir import Corpus, Queries, load_beir, load_corpus, positives_fro
 from nvr.data.pairs import load_pairs
 from nvr.mining.audit import write_audit
 from nvr.mining.build import build_candidate_table
-from nvr.mining.config import DataSource, MineConfig, TeacherConfig
+from nvr.mining.config import TEACHER_RUNTIME_KEYS, DataSource, MineConfig, TeacherConfig
 from nvr.mining.ensembles import cross_sample, intra_sample, per_teacher_selections
 from nvr.mining.filters import FilterResult, apply_filter
 from nvr.mining.mined_set import MANIFEST_FILE, MINED_FILE
@@ -49,7 +51,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "nvr-mined/1"
 # Config keys that say where things go, not what is mined: left out of the manifest and the fingerprint.
-_LOCATION_KEYS = ("output_dir", "overwrite", "cache_dir")
+# Fields that change where/how the work runs, not the mined examples (so not the fingerprint either).
+_LOCATION_KEYS = ("output_dir", "overwrite", "cache_dir", "search_memory_mb", "audit")
 POSITIVE_AWARE_FILTERS = ("topk_marginpos", "topk_percpos")
 _VERSIONED = ("nvr", "numpy", "torch", "transformers", "faiss-cpu", "faiss-gpu", "bm25s", "pyarrow")
 
@@ -78,6 +81,9 @@ def content_config(cfg: MineConfig) -> dict[str, Any]:
     out = dataclasses.asdict(cfg)
     for key in _LOCATION_KEYS:
         out.pop(key, None)
+    for teacher in out["teachers"]:
+        for key in TEACHER_RUNTIME_KEYS:
+            teacher.pop(key, None)
     return out
 
 
@@ -183,6 +189,11 @@ def select_negatives(
     return intra_sample(tables, results, k, dedup=dedup), per_teacher
 
 
+def covers_corpus(tables: Sequence[CandidateTable], corpus_size: int) -> bool:
+    """True when every table already lists every document: re-searching deeper cannot find more candidates."""
+    return all(t.depth >= corpus_size for t in tables)
+
+
 @dataclass
 class MiningResult:
     """Everything the writers need; ``deep_*`` hold the re-built tables of widened queries (or are empty)."""
@@ -211,7 +222,7 @@ def run_mining(cfg: MineConfig) -> MiningResult:
     deep_tables: list[CandidateTable] = []
     deep_results: list[FilterResult] = []
     short_rows = np.flatnonzero(selection.short)
-    if short_rows.size and cfg.max_depth > cfg.depth:
+    if short_rows.size and cfg.max_depth > cfg.depth and not covers_corpus(tables, len(data.corpus)):
         log.info("%d queries have < %d negatives: re-building them at depth %d", short_rows.size,
                  cfg.num_negatives, cfg.max_depth)
         deep_tables = build_tables(cfg, teachers, data, cfg.max_depth, short_rows)
@@ -219,6 +230,9 @@ def run_mining(cfg: MineConfig) -> MiningResult:
         deep_sel, deep_per = select_negatives(cfg, deep_tables, deep_results)
         selection = selection.replace_rows(short_rows, deep_sel)
         per_teacher = [p.replace_rows(short_rows, d) for p, d in zip(per_teacher, deep_per)]
+    elif short_rows.size and cfg.max_depth > cfg.depth:
+        log.info("%d queries have < %d negatives; not re-searched: depth %d already covers the whole corpus (%d "
+                 "docs)", short_rows.size, cfg.num_negatives, cfg.depth, len(data.corpus))
     still_short = selection.short
     kept = np.flatnonzero(~still_short) if cfg.shortfall == "drop" else np.arange(len(selection.query_ids))
     if kept.size == 0:
@@ -229,6 +243,7 @@ def run_mining(cfg: MineConfig) -> MiningResult:
         "recovered_by_widening": int((selection.widened & ~still_short).sum()),
         "dropped_short": int(len(selection.query_ids) - kept.size),
         "kept_short": int(still_short[kept].sum()),
+        "kept_without_negatives": int((selection.n_selected[kept] == 0).sum()),
         "written": int(kept.size),
         "skipped_without_positives": data.skipped_queries,
     }
@@ -312,6 +327,7 @@ def _write_outputs(folder: Path, cfg: MineConfig, res: MiningResult, started: fl
         "num_queries": res.counts["written"],
         "num_negatives_total": int(sum(int((res.selection.neg_idx[r] >= 0).sum()) for r in res.kept_rows)),
         "short_rows": res.counts["kept_short"],
+        "rows_without_negatives": res.counts["kept_without_negatives"],
         "dropped_queries": res.counts["dropped_short"],
         "shortfall": res.counts,
         "run": {"output_dir": str(cfg.output_dir), "cache_dir": str(cfg.cache_dir),

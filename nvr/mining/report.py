@@ -180,6 +180,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"queries {s['queries']}: full {s['full']}, short {s['short']}, empty {s['empty']}, widened "
         f"{s['widened']}; negatives {s['negatives']} (k={s['k']})"
     )
+    if "num_queries" in report:  # pipeline counts of the written rows (absent from a bare build_report)
+        lines.append(
+            f"written {report['num_queries']}: {report.get('short_rows', 0)} with fewer than k negatives, "
+            f"{report.get('rows_without_negatives', 0)} of them with 0 (in-batch negatives only); "
+            f"dropped {report.get('dropped_queries', 0)}"
+        )
     for key in ("positive_score", "first_negative_score", "positive_minus_first_negative"):
         st = s[key]
         if st["count"]:

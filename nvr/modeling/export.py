@@ -30,6 +30,8 @@ from nvr.utils.errors import ConfigError, InputError
 
 ST_POOLING = {"mean": "mean", "cls": "cls", "last_token": "lasttoken"}
 CKPT_PREFIX = "embedder."
+DCP_META_FILE = "meta.pt"
+"""Lightning's non-tensor part of a distributed checkpoint folder (``lightning.fabric.strategies`` name)."""
 
 
 def load_embedder(source: Embedder | nn.Module | str | Path) -> Embedder:
@@ -39,6 +41,8 @@ def load_embedder(source: Embedder | nn.Module | str | Path) -> Embedder:
     if isinstance(source, nn.Module) and isinstance(getattr(source, "embedder", None), Embedder):
         return source.embedder
     path = Path(str(source))
+    if is_distributed_checkpoint(path):
+        return embedder_from_checkpoint(path)
     if path.is_dir():
         return Embedder.from_pretrained(path)
     if path.is_file():
@@ -54,7 +58,10 @@ def embedder_from_checkpoint(path: str | Path) -> Embedder:
     """
     path = Path(path)
     try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+        if is_distributed_checkpoint(path):
+            ckpt = read_distributed_checkpoint(path)
+        else:
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises many types for a corrupt or foreign file
         raise InputError(f"cannot read checkpoint: {err}", path) from err
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
@@ -75,6 +82,27 @@ def embedder_from_checkpoint(path: str | Path) -> Embedder:
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})", path,
         )
     return embedder.eval()
+
+
+def is_distributed_checkpoint(path: Path) -> bool:
+    """A ``torch.distributed.checkpoint`` folder as written by FSDP2 (ModelParallelStrategy) runs: shards,
+    ``.metadata`` and Lightning's ``meta.pt`` (hyper-parameters, loop state)."""
+    return path.is_dir() and (path / ".metadata").is_file() and (path / DCP_META_FILE).is_file()
+
+
+def read_distributed_checkpoint(path: Path) -> dict[str, Any]:
+    """Consolidate the sharded weights into one CPU ``state_dict`` (optimizer shards are not read) plus the
+    ``meta.pt`` entries, i.e. what a single-file Lightning checkpoint holds. Runs in one process, no process group.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    weights: dict[str, Any] = {}
+    _load_state_dict(weights, storage_reader=FileSystemReader(str(path)),
+                     planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}), no_dist=True)
+    meta = torch.load(str(path / DCP_META_FILE), map_location="cpu", weights_only=False)
+    return {**meta, "state_dict": weights.get("state_dict", {})}
 
 
 def _is_trained_key(key: str) -> bool:

@@ -2,13 +2,19 @@
 
 Layout: ``root/<key>/manifest.json``, ``shard-00000.npy`` ... while encoding, then one ``embeddings.npy`` once
 complete (shards are removed after assembly). Every file is written atomically, so a killed run resumes from its
-finished shards. Under torchrun each rank encodes shards ``i % world_size == rank``; rank 0 assembles and the other
-ranks wait for the assembled file, so the result is the same array for any world size.
+finished shards; the temp files a killed single-process run leaves behind are deleted when a run resumes. Under
+torchrun each rank encodes shards ``i % world_size == rank``; rank 0 assembles and the other ranks wait for the
+assembled file, so the result is the same array for any world size.
+
+The folder depends on the settings key and the texts only, not on the shard size: the shard size a run started
+with is recorded in ``manifest.json`` and a resumed run keeps it (so its finished shards stay valid), and a
+finished ``embeddings.npy`` is reused whatever shard size is asked for.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -19,9 +25,17 @@ import numpy as np
 from nvr.utils.atomic import atomic_file, write_text_atomic
 from nvr.utils.hashing import sha256_json, sha256_texts
 
+log = logging.getLogger(__name__)
+
 EncodeFn = Callable[[list[str]], np.ndarray]
 FORMAT_VERSION = 1
+DEFAULT_SHARD_SIZE = 10000
 _FINAL = "embeddings.npy"
+_FOLDER_SHARD_SIZE = 10000
+"""Constant hashed into every folder name: folders were once keyed by the shard size (always 10,000 then), so
+hashing the same value keeps those caches valid now that the shard size lives in ``manifest.json`` only."""
+_PROCESS_START = time.time()
+"""Temp files last modified before this process imported the cache belong to an earlier (killed) run."""
 
 
 def embedding_key(
@@ -46,23 +60,25 @@ class EmbeddingCache:
         """Give up waiting for other ranks after this long without any new shard appearing."""
         self.poll_s = poll_s
 
-    def folder(self, key: str, texts: Sequence[str], shard_size: int) -> Path:
-        """Folder of one (settings, texts, shard size) combination."""
-        return self.root / sha256_json({"key": key, "texts": sha256_texts(texts), "shard_size": shard_size})[:32]
+    def folder(self, key: str, texts: Sequence[str]) -> Path:
+        """Folder of one (settings, texts) combination."""
+        ident = {"key": key, "texts": sha256_texts(texts), "shard_size": _FOLDER_SHARD_SIZE}
+        return self.root / sha256_json(ident)[:32]
 
     def get_or_encode(
         self,
         key: str,
         texts: Sequence[str],
         encode_fn: EncodeFn,
-        shard_size: int = 10000,
+        shard_size: int = DEFAULT_SHARD_SIZE,
         rank: int = 0,
         world_size: int = 1,
     ) -> np.ndarray:
         """``[N, H]`` float32 embeddings of ``texts`` (a read-only memmap), encoding only the missing shards.
 
         ``encode_fn(list_of_texts) -> [n, H]`` is called once per missing shard owned by this rank. An empty
-        ``texts`` gives a ``(0, 0)`` array without calling ``encode_fn``.
+        ``texts`` gives a ``(0, 0)`` array without calling ``encode_fn``. ``shard_size`` applies to a new folder;
+        an interrupted one resumes with the shard size recorded in its manifest.
         """
         if shard_size <= 0:
             raise ValueError(f"shard_size must be > 0, got {shard_size}")
@@ -70,11 +86,13 @@ class EmbeddingCache:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
         if len(texts) == 0:
             return np.zeros((0, 0), dtype=np.float32)
-        folder = self.folder(key, texts, shard_size)
+        folder = self.folder(key, texts)
         final = folder / _FINAL
         if not final.exists():
+            if world_size == 1:
+                _remove_stale_temp_files(folder)
+            shard_size = self._write_manifest(folder, key, texts, shard_size)
             n_shards = -(-len(texts) // shard_size)
-            self._write_manifest(folder, key, texts, shard_size, n_shards)
             for i in range(rank, n_shards, world_size):
                 self._ensure_shard(folder, i, texts[i * shard_size : (i + 1) * shard_size], encode_fn)
             if rank == 0:
@@ -86,14 +104,21 @@ class EmbeddingCache:
 
     # ------------------------------------------------------------------------------------------------ internals
 
-    def _write_manifest(self, folder: Path, key: str, texts: Sequence[str], shard_size: int, n_shards: int) -> None:
+    def _write_manifest(self, folder: Path, key: str, texts: Sequence[str], shard_size: int) -> int:
+        """Record the folder's layout once; returns the shard size in force (an earlier run's, when resuming)."""
+        path = folder / "manifest.json"
+        recorded = _recorded_shard_size(path)
+        if recorded is not None:
+            if recorded != shard_size:
+                log.info("%s: resuming with the shard size %d it was started with (not %d)", folder, recorded,
+                         shard_size)
+            return recorded
         manifest = {
             "format_version": FORMAT_VERSION, "key": key, "texts_sha256": sha256_texts(texts),
-            "num_texts": len(texts), "shard_size": shard_size, "num_shards": n_shards,
+            "num_texts": len(texts), "shard_size": shard_size, "num_shards": -(-len(texts) // shard_size),
         }
-        path = folder / "manifest.json"
-        if not path.exists():
-            write_text_atomic(path, json.dumps(manifest, indent=2, sort_keys=True))
+        write_text_atomic(path, json.dumps(manifest, indent=2, sort_keys=True))
+        return _recorded_shard_size(path) or shard_size  # another rank's identical manifest may have won the race
 
     def _ensure_shard(self, folder: Path, i: int, texts: Sequence[str], encode_fn: EncodeFn) -> None:
         path = folder / _shard_name(i)
@@ -143,6 +168,30 @@ class EmbeddingCache:
 
 def _shard_name(i: int) -> str:
     return f"shard-{i:05d}.npy"
+
+
+def _recorded_shard_size(manifest: Path) -> int | None:
+    """The shard size of an existing manifest, or None when there is none (or it is unreadable)."""
+    try:
+        value = json.loads(manifest.read_text(encoding="utf-8")).get("shard_size")
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    """Delete the ``.*.tmp`` files a killed run left (a shard or the assembled array being written).
+
+    Called for single-process runs only, and only for files not touched since this process started: a live
+    writer (another process sharing the cache) keeps its temp file's mtime current until it renames it.
+    """
+    for tmp in folder.glob(".*.tmp"):
+        try:
+            if tmp.stat().st_mtime < _PROCESS_START:
+                tmp.unlink()
+                log.info("removed %s, left by an interrupted run", tmp)
+        except FileNotFoundError:
+            continue
 
 
 def _rows_in(path: Path) -> int:

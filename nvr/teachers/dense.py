@@ -45,7 +45,7 @@ class DenseTeacher:
 
     kind = "dense"
 
-    def __init__(self, cfg: TeacherConfig, cache_dir: str | Path, shard_size: int = 10000) -> None:
+    def __init__(self, cfg: TeacherConfig, cache_dir: str | Path, shard_size: int | None = None) -> None:
         if not cfg.model_name_or_path:
             from nvr.utils.errors import ConfigError
 
@@ -55,10 +55,18 @@ class DenseTeacher:
         self.name = cfg.name
         self.cache = EmbeddingCache(Path(cache_dir) / "embeddings")
         self.fingerprint_dir = Path(cache_dir) / "fingerprints"
-        self.shard_size = shard_size
-        self.device = pick_device(cfg.device)
+        self.shard_size = cfg.shard_size if shard_size is None else shard_size
+        """Texts per embedding cache shard (``cfg.shard_size`` unless given): the unit of resuming."""
+        self._device: str | None = None
         self._embedder = None
         self._fingerprint: str | None = None
+
+    @property
+    def device(self) -> str:
+        """Resolved on first use: 'auto' needs torch, which a run served from the cache never imports."""
+        if self._device is None:
+            self._device = pick_device(self.cfg.device)
+        return self._device
 
     @property
     def embedder(self):
@@ -126,11 +134,11 @@ class DenseTeacher:
         return self._encode(texts, self.cfg.passage_prefix, self.cfg.passage_max_length, "passages")
 
     def _encode(self, texts: Sequence[str], prefix: str, max_length: int, what: str) -> np.ndarray:
-        from nvr.modeling.encode import encode_texts
-
         key = embedding_key(self.fingerprint, self.cfg.pooling, prefix, max_length, self.cfg.dtype)
 
         def encode(chunk: list[str]) -> np.ndarray:
+            from nvr.modeling.encode import encode_texts  # imports torch: only when a shard is missing
+
             return encode_texts(
                 self.embedder, chunk, prefix=prefix, max_length=max_length, batch_size=self.cfg.batch_size,
                 desc=f"{self.name} {what}",

@@ -24,20 +24,15 @@ from nvr.modeling.config import EmbedderConfig
 from nvr.training.collate import MinedTrainDataset, TrainCollator
 from nvr.training.sampler import EpochSampler, NoDuplicatePositiveBatchSampler, ResumableDataLoader, SamplerProgress
 from nvr.utils.errors import ConfigError, InputError
-from nvr.utils.hashing import sha256_json
 
 log = logging.getLogger(__name__)
 
-# MineConfig fields that do not change the mined examples (so they do not change the cache key).
-_NON_SEMANTIC = ("output_dir", "overwrite", "cache_dir", "search_memory_mb", "audit")
-
 
 def mining_fingerprint(cfg: MineConfig) -> str:
-    """Cache key of a mining job: every field that changes the mined examples."""
-    data = dataclasses.asdict(cfg)
-    for key in _NON_SEMANTIC:
-        data.pop(key, None)
-    return sha256_json(data)
+    """Cache key of a mining job (the pipeline's content fingerprint: output locations excluded)."""
+    from nvr.mining.pipeline import mining_fingerprint as content_fingerprint
+
+    return content_fingerprint(cfg)
 
 
 class MinedDataModule(pl.LightningDataModule):
@@ -178,6 +173,7 @@ class MinedDataModule(pl.LightningDataModule):
 
 def _log_pool(examples: list[MinedExample], num_negatives: int) -> None:
     short = sum(1 for ex in examples if len(ex.negative_ids) < num_negatives)
+    empty = sum(1 for ex in examples if not ex.negative_ids)
     if short:
-        log.warning("%d of %d mined examples have fewer than %d negatives; their missing slots are masked",
-                    short, len(examples), num_negatives)
+        log.warning("%d of %d mined examples have fewer than %d negatives (%d have none and train on in-batch "
+                    "negatives only); their missing slots are masked", short, len(examples), num_negatives, empty)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from nvr.modeling.config import EmbedderConfig, as_embedder_config
 from nvr.modeling.embedder import Embedder
-from nvr.training.loss import info_nce
+from nvr.training.loss import PAD_ID, info_nce
 from nvr.utils.errors import ConfigError, InputError
 from nvr.utils.seeding import derive_seed
 
@@ -79,6 +79,7 @@ class BiEncoderModule(pl.LightningModule):
         self.seed = seed
         if init_from:
             load_warm_start(self.embedder, init_from)
+        freeze_unused_heads(self.embedder)
         self.train()  # from_pretrained returns eval mode; Lightning 2.6 keeps module modes as it finds them
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -111,18 +112,29 @@ class BiEncoderModule(pl.LightningModule):
         return {"embeddings": self.encode(batch), "index": batch["index"]}
 
     def _remote_passages(self, passage_emb: Tensor, passage_ids: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """Other ranks' passages (with gradients) when cross-device negatives are on; equal shapes on all ranks
-        are guaranteed by the fixed batch shape of :class:`~nvr.training.datamodule.MinedDataModule`."""
+        """Other ranks' passages (with gradients) when cross-device negatives are on.
+
+        ``all_gather`` needs equal shapes on every rank (gloo aborts, NCCL can hang or return garbage otherwise).
+        MinedDataModule's batches all have the same shape, but a user dataloader may give one rank a shorter
+        last batch, so the passage counts are gathered first and every rank pads to the largest and trims.
+        """
         if not (self.hparams.gather_across_devices and self.hparams.use_in_batch_negatives):
             return None, None
         world = self.trainer.world_size if self._trainer is not None else 1
         if world <= 1:
             return None, None
-        all_emb = self.all_gather(passage_emb, sync_grads=True)  # [W, B, 1+n, H]
-        all_ids = self.all_gather(passage_ids)
+        flat_emb = passage_emb.reshape(-1, passage_emb.shape[-1])
+        flat_ids = passage_ids.reshape(-1)
+        counts = self.all_gather(torch.tensor(flat_ids.numel(), device=flat_ids.device)).reshape(-1).tolist()
+        padding = max(counts) - flat_ids.numel()
+        if padding:
+            flat_emb = torch.cat([flat_emb, flat_emb.new_zeros(padding, flat_emb.shape[1])])
+            flat_ids = torch.cat([flat_ids, flat_ids.new_full((padding,), PAD_ID)])
+        all_emb = self.all_gather(flat_emb, sync_grads=True)  # [W, max count, H]
+        all_ids = self.all_gather(flat_ids)
         others = [r for r in range(world) if r != self.global_rank]
-        remote_emb = torch.cat([all_emb[r].reshape(-1, all_emb.shape[-1]) for r in others])
-        remote_ids = torch.cat([all_ids[r].reshape(-1) for r in others])
+        remote_emb = torch.cat([all_emb[r, : counts[r]] for r in others])
+        remote_ids = torch.cat([all_ids[r, : counts[r]] for r in others])
         return remote_emb, remote_ids
 
     def _teacher_mask(self, batch: dict[str, Any]) -> Tensor | None:
@@ -225,6 +237,21 @@ def teacher_false_negative_mask(negative_scores: Tensor, positive_scores: Tensor
     threshold = anchor - anchor.abs() * (1.0 - perc)
     mask = negative_scores.float() >= threshold
     return mask & ~torch.isnan(negative_scores) & ~torch.isnan(anchor)
+
+
+def freeze_unused_heads(embedder: Embedder) -> list[str]:
+    """Freeze the backbone's own sentence head (BERT-style ``pooler``): nvr pools token states itself, so it gets
+    no gradient, and DDP aborts on trainable parameters without one. Weights stay as loaded (still exported)."""
+    frozen = []
+    for name, module in embedder.backbone.named_modules():
+        if name.rsplit(".", 1)[-1] == "pooler":
+            for param_name, param in module.named_parameters():
+                if param.requires_grad:
+                    param.requires_grad_(False)
+                    frozen.append(f"{name}.{param_name}")
+    if frozen:
+        log.info("froze %d unused backbone head parameter(s): %s", len(frozen), frozen[:4])
+    return frozen
 
 
 def transformer_layers(backbone: nn.Module) -> list[nn.Module]:

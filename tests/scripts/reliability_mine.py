@@ -1,9 +1,7 @@
 """``nvr mine`` with test instrumentation, run as a child process by the reliability tests.
 
-Environment knobs (all optional):
+Environment knobs (all optional; the embedding shard size is an ordinary config key, ``teachers[].shard_size``):
 
-- ``NVR_TEST_SHARD_SIZE``: embedding cache shard size (the library default of 10,000 makes one shard of a tiny
-  corpus; small shards let a test kill the run between two shards, or split them across two ranks).
 - ``NVR_TEST_ENCODE_LOG``: append one line ``<desc>\t<num texts>`` per encoded shard (an encode counter that
   survives SIGKILL: each line is flushed and fsynced before the shard is written).
 - ``NVR_TEST_ENCODE_SLEEP``: seconds to sleep after encoding each shard, so a kill lands mid-corpus.
@@ -22,11 +20,7 @@ import numpy as np
 
 def instrument() -> None:
     import nvr.modeling.encode as encode_module
-    from nvr.teachers.dense import DenseTeacher
 
-    shard_size = os.environ.get("NVR_TEST_SHARD_SIZE")
-    if shard_size:
-        DenseTeacher.__init__.__defaults__ = (int(shard_size),)
     log_path = os.environ.get("NVR_TEST_ENCODE_LOG")
     pause = float(os.environ.get("NVR_TEST_ENCODE_SLEEP", "0"))
     real_encode = encode_module.encode_texts
