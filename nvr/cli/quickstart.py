@@ -37,7 +37,7 @@ def parse_args(argv: list[str]) -> QuickstartArgs:
     p.add_argument("--data", default=str(EMBEDDED_DATA), help="BEIR folder with train and test qrels")
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF id or local folder of the model to fine-tune")
     p.add_argument("--output", default="runs/quickstart", help="run folder (mined set, checkpoints, results)")
-    p.add_argument("--max_steps", type=int, default=40)
+    p.add_argument("--max_steps", type=int, default=24)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--num_negatives", type=int, default=4, help="hard negatives mined per query (TopK-PercPos)")
     p.add_argument("--lr", type=float, default=3e-5)
