@@ -46,8 +46,30 @@ def test_fit_then_resume_with_ckpt_path_last_then_validate(tiny_bert_dir, tiny_b
     state = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 3
     assert main(["validate", "--config", str(config), "--ckpt_path", str(ckpts / "last.ckpt")]) == 0
+    assert main(["test", "--config", str(config), "--ckpt_path", str(ckpts / "last.ckpt")]) == 0
+
+
+def test_test_loop_logs_the_validation_metrics_under_test(tiny_bert_dir, tiny_beir_dir, tmp_path) -> None:
+    import lightning as L
+
+    from nvr.evaluation.callback import RetrievalEvaluator
+    from nvr.evaluation.data import EvalSetConfig
+    from nvr.modeling.config import EmbedderConfig
+    from nvr.training.datamodule import MinedDataModule
+    from nvr.training.module import BiEncoderModule
+
+    mined = write_fake_mined(tiny_beir_dir, tmp_path / "mined", num_negatives=1)
+    module = BiEncoderModule(embedder=EmbedderConfig(model_name_or_path=str(tiny_bert_dir)))
+    data = MinedDataModule(mined_dir=str(mined), tokenizer=str(tiny_bert_dir), num_negatives=1, batch_size=2,
+                           eval_sets=[EvalSetConfig(name="tiny", path=str(tiny_beir_dir), split="test")])
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[RetrievalEvaluator()])
+    val = trainer.validate(module, datamodule=data, verbose=False)[0]
+    test = trainer.test(module, datamodule=data, verbose=False)[0]
+    assert set(test) == {k.replace("val/", "test/", 1) for k in val}
+    assert test["test/tiny/ndcg@10"] == pytest.approx(val["val/tiny/ndcg@10"], abs=1e-6)
 
 
 def test_unknown_subcommand_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="fit"):
-        main(["test"])
+        main(["predict"])

@@ -22,7 +22,7 @@ from nvr.training.datamodule import MinedDataModule
 from nvr.training.module import BiEncoderModule
 from nvr.utils.errors import ConfigError
 
-SUBCOMMANDS = ("fit", "validate")
+SUBCOMMANDS = ("fit", "validate", "test")
 
 
 class NvrCLI(LightningCLI):

@@ -12,7 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mine": ("nvr.cli.mine", "offline hard-negative mining (positive-aware filters, samplers, ensembles)"),
     "fit": ("nvr.cli.lightning_cli", "train a bi-encoder (LightningCLI)"),
     "validate": ("nvr.cli.lightning_cli", "evaluate a checkpoint on the configured BEIR sets (LightningCLI)"),
-    "test": ("nvr.cli.lightning_cli", "run the test loop (LightningCLI)"),
+    "test": ("nvr.cli.lightning_cli", "evaluate a checkpoint on the eval sets, metrics under test/ (LightningCLI)"),
     "eval": ("nvr.cli.eval", "evaluate any HF model / exported folder on BEIR folders -> JSON"),
     "export": ("nvr.cli.export", "export a checkpoint to a SentenceTransformer / HF folder"),
     "ablate": ("nvr.cli.ablate", "run a paper-ablation grid (variants x seeds) -> results table + plots"),

@@ -107,14 +107,26 @@ class RetrievalEvaluator(Callback):
         self.last_metrics: dict[str, dict[str, float]] = {}
         self._buffers: dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
 
-    # -- collection ------------------------------------------------------------------------------------------
+    # -- collection (validation and test loops share it; test metrics are logged under ``test/``) ---------------
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._buffers.clear()
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._buffers.clear()
 
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        self._collect(outputs, batch)
+
+    def on_test_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._collect(outputs, batch)
+
+    def _collect(self, outputs, batch) -> None:
         if not isinstance(batch, dict) or "kind" not in batch or "dataset" not in batch:
             return
         if not isinstance(outputs, dict) or "embeddings" not in outputs:
@@ -129,10 +141,17 @@ class RetrievalEvaluator(Callback):
 
     # -- epoch end ---------------------------------------------------------------------------------------------
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            self._buffers.clear()
+            return
+        self._finish(trainer, pl_module, trainer.val_dataloaders, self.log_prefix)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(trainer, pl_module, trainer.test_dataloaders, "test")
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loaders, prefix: str) -> None:
         try:
-            if trainer.sanity_checking:
-                return
-            eval_sets = self._eval_sets(trainer)
+            eval_sets = self._eval_sets(loaders)
             if not eval_sets:
                 return
             per_dataset = self._evaluate(eval_sets, trainer.strategy.root_device)
@@ -144,13 +163,12 @@ class RetrievalEvaluator(Callback):
             warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
             for name, metrics in per_dataset.items():
                 for metric, value in metrics.items():
-                    pl_module.log(f"{self.log_prefix}/{name}/{metric}", value, sync_dist=False)
+                    pl_module.log(f"{prefix}/{name}/{metric}", value, sync_dist=False)
             for metric, value in mean_over_datasets(per_dataset).items():
-                pl_module.log(f"{self.log_prefix}/{metric}", value, sync_dist=False,
-                              prog_bar=metric == self.main_metric)
+                pl_module.log(f"{prefix}/{metric}", value, sync_dist=False, prog_bar=metric == self.main_metric)
 
-    def _eval_sets(self, trainer: pl.Trainer) -> dict[str, EvalSet]:
-        loaders = trainer.val_dataloaders
+    @staticmethod
+    def _eval_sets(loaders) -> dict[str, EvalSet]:
         if loaders is None:
             return {}
         if not isinstance(loaders, (list, tuple)):

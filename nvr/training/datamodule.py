@@ -138,7 +138,7 @@ class MinedDataModule(pl.LightningDataModule):
                 raise InputError("the mined set has no examples", mined_file(self.mined_path))
             self.train_dataset = MinedTrainDataset(examples, self.num_negatives)
             _log_pool(examples, self.num_negatives)
-        if stage in (None, "fit", "validate") and not self.eval_sets and self.eval_set_configs:
+        if stage in (None, "fit", "validate", "test") and not self.eval_sets and self.eval_set_configs:
             self.eval_sets = load_eval_sets(self.eval_set_configs)
 
     # ------------------------------------------------------------------------------------------- dataloaders
@@ -163,6 +163,10 @@ class MinedDataModule(pl.LightningDataModule):
             return []
         return build_eval_dataloaders(self.eval_sets, self.tokenizer, self.eval_batch_size, self.add_eos,
                                       self.num_workers)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """``nvr test`` evaluates the configured eval sets (point ``eval_sets[].split`` at the held-out split)."""
+        return self.val_dataloader()
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """The training loop has received this batch: record it for a mid-epoch resume."""

@@ -111,6 +111,10 @@ class BiEncoderModule(pl.LightningModule):
         """Embeddings + sample positions for :class:`~nvr.evaluation.callback.RetrievalEvaluator`."""
         return {"embeddings": self.encode(batch), "index": batch["index"]}
 
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """``nvr test``: the same BEIR evaluation as validation (metrics logged under ``test/``)."""
+        return self.validation_step(batch, batch_idx, dataloader_idx)
+
     def _remote_passages(self, passage_emb: Tensor, passage_ids: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Other ranks' passages (with gradients) when cross-device negatives are on.
 
