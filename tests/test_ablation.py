@@ -248,9 +248,12 @@ def test_miniature_grid_end_to_end_and_resume(tiny_bert_dir, tiny_beir_dir, tmp_
 
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    assert ablate_main(["--config", str(spec_file), "--dry_run", "--variants", "naive,broken"]) == 0
+    assert ablate_main(["--config", str(spec_file), "--dry_run", "--variants", "naive,percpos=0.95"]) == 0
     printed = capsys.readouterr().out
-    assert "[done] naive/seed-0" in printed and "[todo] broken/seed-1" in printed
+    assert "[done] naive/seed-0" in printed and "[done] percpos=0.95/seed-1" in printed
+    # the dry run checks each variant against the nvr fit schema: the broken one is refused before any run
+    with pytest.raises(ConfigError, match=r"overrides\.data\.mining\.filter\.perc.*variant 'broken'.*\(0, 2\]"):
+        ablate_main(["--config", str(spec_file), "--dry_run", "--variants", "naive,broken"])
 
 
 def test_shipped_ablation_configs_parse_and_plan() -> None:
@@ -262,3 +265,20 @@ def test_shipped_ablation_configs_parse_and_plan() -> None:
         assert spec.all_variants() and spec.seeds, path
         for base in spec.base_config:
             assert (REPO / base).is_file(), f"{path}: {base}"
+
+
+def test_plan_mined_dir_is_content_addressed(tiny_bert_dir, tiny_beir_dir, tmp_path) -> None:
+    """Editing the corpus (or retraining the teacher in place) gives the grid a new mined set, as in `nvr fit`."""
+    import shutil
+
+    beir = tmp_path / "beir"
+    shutil.copytree(tiny_beir_dir, beir)
+    base = _base_yaml(tmp_path / "base.yaml", tiny_bert_dir, beir, tmp_path / "cache")
+    spec = parse_spec(_spec(base, tmp_path / "out"))
+    before = {p.run_id: p.mined_dir for p in plan_runs(spec)}
+    assert before == {p.run_id: p.mined_dir for p in plan_runs(spec)}  # stable while nothing changes
+    with open(beir / "corpus.jsonl", "a", encoding="utf-8") as fh:
+        fh.write('{"_id": "extra", "title": "", "text": "wing lift extra document"}\n')
+    after = {p.run_id: p.mined_dir for p in plan_runs(spec)}
+    assert set(after) == set(before) and all(after[k] != before[k] for k in before)
+    assert len(set(after.values())) == len(set(before.values()))  # variants still share mined sets as before

@@ -144,6 +144,48 @@ def test_qrels_bad_lines(tmp_path: Path, lines: list[str], line: int, match: str
     expect_error(lambda: load_qrels(path), path, line, match)
 
 
+@pytest.mark.parametrize("score", ["+1", " 1", "1 ", "1_0", "\u0661", "\uff11", "0x1", "1.0", "--1", ""])
+def test_qrels_score_must_be_a_plain_decimal(tmp_path: Path, score: str) -> None:
+    """``int()`` accepts '+1', ' 1', '1_0', Arabic-Indic and full-width digits: a qrels grade is ASCII digits."""
+    path = tmp_path / "q.tsv"
+    path.write_text(f"query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t{score}\n", encoding="utf-8")
+    expect_error(lambda: load_qrels(path), path, 3, "score must be an integer")
+
+
+def test_qrels_negative_grades_stay_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "q.tsv"
+    path.write_text("query-id\tcorpus-id\tscore\nq1\td1\t-1\nq1\td2\t10\n", encoding="utf-8")
+    assert load_qrels(path) == {"q1": {"d1": -1, "d2": 10}}
+
+
+@pytest.mark.parametrize(("row", "what"), [("q1\td1 \t1", "corpus-id 'd1 '"), ("q1\t d1\t1", "corpus-id ' d1'"),
+                                           (" q1\td1\t1", "query-id ' q1'"), ("q1\u00a0\td1\t1", "query-id")])
+def test_qrels_ids_with_surrounding_whitespace_are_errors(tmp_path: Path, row: str, what: str) -> None:
+    """An id is compared exactly: 'd1 ' must not silently resolve to 'd1' (nor to any other document)."""
+    corpus = Corpus(["d1"], [""], ["a"])  # today's strip() makes 'd1 ' resolve to this document
+    path = tmp_path / "q.tsv"
+    path.write_text(f"query-id\tcorpus-id\tscore\n{row}\n", encoding="utf-8")
+    err = expect_error(lambda: load_qrels(path, corpus=corpus), path, 2, "leading or trailing whitespace")
+    assert what in str(err)
+
+
+@pytest.mark.parametrize("raw_id", [" d1", "d1 ", "d1\t", "\u3000d1", "d\n1", "d\x001"])
+@pytest.mark.parametrize("loader", ["corpus", "queries"])
+def test_jsonl_ids_with_whitespace_or_control_characters(tmp_path: Path, raw_id: str, loader: str) -> None:
+    path = tmp_path / f"{loader}.jsonl"
+    write_lines(path, ['{"_id": "ok", "text": "x"}', json.dumps({"_id": raw_id, "text": "y"})])
+    fn = load_corpus if loader == "corpus" else load_queries
+    expect_error(lambda: fn(path), path, 2, "whitespace|control character")
+
+
+@pytest.mark.parametrize("row", [{"query": "a", "query_id": "q1 ", "positive": "x"},
+                                 {"query": "a", "positive_ids": ["d1 "]}, {"query": "a", "positive_ids": [" d1"]}])
+def test_pairs_ids_with_surrounding_whitespace(tmp_path: Path, row: dict) -> None:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    expect_error(lambda: load_pairs(path, Corpus(["d1"], [""], ["doc one"])), path, 1, "leading or trailing")
+
+
 def test_qrels_header_variants_and_crlf_are_accepted(tmp_path: Path) -> None:
     path = tmp_path / "q.tsv"
     path.write_bytes(b"query_id\tCorpus-Id\tscore\r\nq1\td1\t2\r\n")

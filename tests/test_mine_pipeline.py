@@ -139,9 +139,12 @@ def test_exports(tiny_beir_dir, tiny_bert_dir, cache_dir, tmp_path):
         to_sentence_transformers(out, tmp_path / "st.jsonl")
     flag = to_flagembedding(out, tmp_path / "fe.jsonl", prompt="Represent this query: ")
     fe = [json.loads(line) for line in (tmp_path / "fe.jsonl").read_text().splitlines()]
-    assert flag["rows"] == len(fe) == len(examples)
+    with_negatives = [e for e in examples if e.negative_ids]  # FlagEmbedding divides by len(neg): others dropped
+    assert flag["rows"] == len(fe) == len(with_negatives) and flag["with_scores"]
+    assert flag["dropped_without_negatives"] == len(examples) - len(with_negatives)
     assert set(fe[0]) == {"query", "pos", "neg", "pos_scores", "neg_scores", "prompt"}
-    assert fe[0]["neg"] == examples[0].negative_texts and fe[0]["neg_scores"] == examples[0].negative_scores
+    assert fe[0]["neg"] == with_negatives[0].negative_texts
+    assert fe[0]["neg_scores"] == with_negatives[0].negative_scores
 
 
 def _write_yaml(path: Path, beir: Path, bert: Path, out: Path, cache: Path, **extra) -> Path:
@@ -226,8 +229,8 @@ def test_presets_match_the_paper():
         get_preset("topk_percpos_0.9")
 
 
-def test_fingerprint_ignores_output_location(tmp_path):
-    cfg = make_cfg(tmp_path, tmp_path, tmp_path / "a", tmp_path / "c")
+def test_fingerprint_ignores_output_location(tiny_beir_dir, tiny_bert_dir, tmp_path):
+    cfg = make_cfg(tiny_beir_dir, tiny_bert_dir, tmp_path / "a", tmp_path / "c")  # the key hashes the real inputs
     moved = dataclasses.replace(cfg, output_dir=str(tmp_path / "b"), overwrite=True, cache_dir="x")
     assert mining_fingerprint(cfg) == mining_fingerprint(moved)
     assert mining_fingerprint(cfg) != mining_fingerprint(dataclasses.replace(cfg, seed=1))

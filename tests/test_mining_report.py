@@ -52,7 +52,8 @@ def test_report_counts_ranks_and_overlap():
     rep = build_report(tables, results, sel, per, extra={"dropped_queries": 0})
     json.dumps(rep)  # JSON-able
     assert rep["teachers"]["A"]["rule_counts"] == {
-        "kept": 5, "positive": 1, "shifted": 0, "above_max": 0, "above_margin": 0, "above_perc": 1, "below_min": 0
+        "kept": 5, "positive": 1, "shifted": 0, "above_max": 0, "above_margin": 0, "above_perc": 1, "below_min": 0,
+        "query_text": 0, "judged_relevant": 0,
     }
     assert rep["teachers"]["B"]["rule_counts"]["above_perc"] == 4
     assert rep["teachers"]["A"]["first_positive_rank"]["rank1"] == 1

@@ -31,7 +31,8 @@ def _perturb_lora(embedder: Embedder) -> None:
 
 def _ours(embedder: Embedder, mask_prefix: bool) -> tuple[np.ndarray, np.ndarray]:
     q = encode_texts(embedder, QUERIES, prefix=QP, mask_prefix=mask_prefix, max_length=64, show_progress=False)
-    p = encode_texts(embedder, PASSAGES, prefix=PP, mask_prefix=mask_prefix, max_length=64, show_progress=False)
+    # passages never have their prefix masked (as in training)
+    p = encode_texts(embedder, PASSAGES, prefix=PP, mask_prefix=False, max_length=64, show_progress=False)
     return q, p
 
 
@@ -45,12 +46,18 @@ def test_st_roundtrip_tiny_bert_lora_merged(tiny_bert_dir, tmp_path, mask_prefix
     emb = Embedder.from_config(EmbedderConfig(str(tiny_bert_dir), lora=LoraSettings(r=4)))
     _perturb_lora(emb)
     ours_q, ours_p = _ours(emb, mask_prefix)
-    out = export_embedder(emb, tmp_path / "st", query_prefix=QP, passage_prefix=PP, mask_prefix=mask_prefix)
+    out = export_embedder(emb, tmp_path / "st", query_prefix=QP, passage_prefix=PP, mask_prefix=mask_prefix,
+                          max_length=64)
     assert any("lora_" in n for n, _ in emb.named_parameters())  # the live embedder is not merged in place
     st_q, st_p = _st(out)
     np.testing.assert_allclose(st_q, ours_q, atol=1e-5)
     np.testing.assert_allclose(st_p, ours_p, atol=1e-5)
-    pooling = json.loads((out / "1_Pooling" / "config.json").read_text())
+    if mask_prefix:  # masked query prompt, unmasked passage prefix: one Pooling per task
+        router = json.loads((out / "1_Pooling" / "router_config.json").read_text())
+        assert router["structure"] == {"query": ["query_0_Pooling"], "document": ["document_0_Pooling"]}
+        pooling = json.loads((out / "1_Pooling" / "query_0_Pooling" / "config.json").read_text())
+    else:
+        pooling = json.loads((out / "1_Pooling" / "config.json").read_text())
     assert pooling["pooling_mode_mean_tokens"] and pooling["include_prompt"] is (not mask_prefix)
     # AutoModel sees merged plain weights and reproduces the token states
     from transformers import AutoModel

@@ -117,3 +117,32 @@ def test_score_pairs_padding_and_bad_input() -> None:
         exact_topk(queries, bad, 3)
     with pytest.raises(ValueError, match="doc_order"):
         exact_topk(queries, docs, 3, doc_order=np.arange(3))
+
+
+@pytest.mark.parametrize(
+    ("n_queries", "n_docs", "dim", "k", "memory_mb"),
+    [(256, 20000, 32, 10, 1.0), (4, 50000, 16, 20, 0.5), (300, 4000, 64, 50, 2.0), (40, 30000, 8, 300, 0.25)],
+)
+def test_numpy_fallback_peak_memory_stays_within_budget(monkeypatch, n_queries, n_docs, dim, k, memory_mb):
+    """Without faiss the matmul block, its negation and argpartition's int64 positions all count against
+    ``memory_mb`` (they peaked at ~4x before). Only per-query result buffers may come on top."""
+    import tracemalloc
+
+    from nvr.mining import search
+
+    monkeypatch.setattr(search, "_coarse_backend", lambda use_gpu: search._numpy_knn)
+    rng = np.random.default_rng(0)
+    queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
+    docs = rng.standard_normal((n_docs, dim)).astype(np.float32)
+    order = np.arange(n_docs)
+    tracemalloc.start()
+    try:
+        scores, idx = search.exact_topk(queries, docs, k, memory_mb=memory_mb, doc_order=order)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    fetch = k + max(16, k // 4)
+    per_query = 12 * fetch + 3 * 12 * k + 64  # coarse candidates, refined top-k, final scores/idx, norms
+    assert peak <= memory_mb * 2**20 * 1.05 + n_queries * per_query
+    exact = queries.astype(np.float64) @ docs.astype(np.float64).T
+    assert np.array_equal(idx, np.argsort(-exact, axis=1, kind="stable")[:, :k])

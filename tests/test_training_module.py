@@ -194,3 +194,40 @@ def test_examples_with_zero_negatives_train_on_masked_slots(tiny_bert_dir, mined
     trainer = _trainer(tmp_path / "fit", 2, [])
     trainer.fit(module, datamodule=_data(tiny_bert_dir, short, num_negatives=2))
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_bf16_backbone_keeps_fp32_master_weights_and_small_lr_steps_apply(tiny_mistral_dir, tmp_path) -> None:
+    """In pure bf16 an lr 1e-5 AdamW update is below the weights' spacing and vanishes (LayerNorm 1.0 stays 1.0)."""
+    from nvr.modeling.config import LatentAttentionConfig
+
+    beir = make_tiny_beir(tmp_path / "beir", queries_per_topic=2)
+    mined = write_fake_mined(beir, tmp_path / "mined", num_negatives=1)
+    cfg = EmbedderConfig(model_name_or_path=str(tiny_mistral_dir), pooling="latent_attention", bidirectional=True,
+                         dtype="bfloat16", latent=LatentAttentionConfig(num_latents=4, num_heads=2),
+                         lora=LoraSettings(r=4, alpha=8))
+    module = BiEncoderModule(cfg, lr=1e-5, warmup_steps=0, scheduler="constant", seed=1)
+    trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    assert any(p.dtype == torch.bfloat16 for p in module.parameters() if not p.requires_grad)  # frozen base stays
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    _trainer(tmp_path, 2, []).fit(module, datamodule=_data(tiny_mistral_dir, mined, batch_size=2, num_negatives=1))
+    unchanged = [n for n, p in module.named_parameters() if n in before and torch.equal(p.detach(), before[n])]
+    assert not unchanged, unchanged[:5]
+
+
+def test_data_max_length_above_the_position_limit_is_clamped(tiny_bert_dir, tmp_path, caplog) -> None:
+    """The tiny BERT has 128 positions: a 400-word passage with passage_max_length 512 used to crash mid-fit."""
+    import json
+
+    beir = make_tiny_beir(tmp_path / "beir", queries_per_topic=2)
+    mined = write_fake_mined(beir, tmp_path / "mined", num_negatives=1)
+    rows = [json.loads(line) for line in (mined / "mined.jsonl").read_text(encoding="utf-8").splitlines()]
+    for row in rows:
+        row["positives"][0]["text"] = " ".join(["wing lift drag airfoil"] * 100)
+    (mined / "mined.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    data = _data(tiny_bert_dir, mined, passage_max_length=512, query_max_length=1000, batch_size=2, num_negatives=1)
+    with caplog.at_level("WARNING", logger="nvr.training.module"):
+        _trainer(tmp_path, 1, []).fit(_module(tiny_bert_dir), datamodule=data)
+    assert "config key 'data.passage_max_length': 512 exceeds the 128 positions" in caplog.text
+    assert "data.query_max_length" in caplog.text
+    assert data.passage_max_length == 128 and data.query_max_length == 128

@@ -18,6 +18,7 @@ checkpoint (``--ckpt_path``), a run without checkpoint starts over.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import json
 import logging
@@ -39,6 +40,7 @@ from nvr.ablation.spec import AblationSpec, Variant
 from nvr.utils.atomic import atomic_file
 from nvr.utils.errors import ConfigError, InputError, NvrError
 from nvr.utils.hashing import sha256_json
+from nvr.utils.yamlcheck import check_yaml_file
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ def load_base_config(paths: Sequence[str]) -> dict[str, Any]:
         file = Path(path).expanduser()
         if not file.is_file():
             raise ConfigError(f"base_config[{i}]", f"{path}: no such file")
+        check_yaml_file(file)
         try:
             data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
@@ -141,7 +144,57 @@ def mined_dir_for(spec: AblationSpec, base: dict[str, Any], overrides: dict[str,
         existing = config_get(base, "data.mined_dir")
         return Path(str(existing)) if existing else None
     key = sha256_json({"mining": mining, "overrides": sorted(mining_overrides.items(), key=lambda kv: kv[0])})
-    return Path(spec.output_dir) / "mined" / key[:16]
+    content = content_address(effective_mining(mining, mining_overrides))
+    return Path(spec.output_dir) / "mined" / (content or key[:16])
+
+
+def effective_mining(mining: Any, overrides: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's ``data.mining`` section as a plain dict: the base section with the dotted overrides applied."""
+    out: Any = copy.deepcopy(mining) if isinstance(mining, dict) else None  # parsing must not touch the base
+    for key, value in sorted(overrides.items()):
+        if key == "data.mining":
+            out = copy.deepcopy(value) if isinstance(value, dict) else None
+            continue
+        if out is None:
+            out = {}
+        node = out
+        parts = key[len("data.mining."):].split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[parts[-1]] = copy.deepcopy(value)
+    return out
+
+
+def content_address(mining: dict[str, Any] | None) -> str | None:
+    """The mined-set content address ``nvr fit`` itself uses (config + input file contents + teacher and
+    cross-encoder identities), so editing the corpus or retraining a teacher in place gives the grid a new mined
+    set. None when it cannot be computed without loading a model (a hub id not on this machine yet) or before the
+    data exists: the folder is then named by the config alone (``--dry_run`` of a paper-scale spec stays offline)."""
+    if not mining:
+        return None
+    from jsonargparse import ArgumentParser
+
+    from nvr.mining.config import MineConfig
+    from nvr.mining.pipeline import mining_fingerprint
+    from nvr.utils.fingerprint import model_folder
+
+    try:
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_argument("--mining", type=MineConfig)
+        cfg = parser.instantiate_classes(parser.parse_object({"mining": mining})).mining
+    except Exception:  # an invalid section is reported by the grid's config validation, not here
+        return None
+    models = [t.model_name_or_path for t in cfg.teachers if t.kind == "dense"]
+    models += [cfg.cross_encoder.model_name_or_path] if cfg.cross_encoder is not None else []
+    if any(model_folder(str(m)) is None for m in models):
+        return None
+    try:
+        Path(cfg.cache_dir).expanduser().mkdir(parents=True, exist_ok=True)  # holds the file-hash memo
+        return mining_fingerprint(cfg)
+    except (NvrError, OSError):
+        return None
 
 
 def plan_runs(spec: AblationSpec, variants: Iterable[str] | None = None,

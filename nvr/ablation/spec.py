@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from nvr.utils.errors import ConfigError, InputError
+from nvr.utils.yamlcheck import check_yaml_file
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -285,6 +286,7 @@ def load_spec(path: str | Path) -> AblationSpec:
     path = Path(path)
     if not path.is_file():
         raise InputError("no such ablation spec", path)
+    check_yaml_file(path)  # syntax errors and duplicate keys, named by file:line
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:

@@ -18,13 +18,16 @@ import sys
 from nvr.ablation.results import write_report
 from nvr.ablation.runner import LAUNCHERS, describe_plan, plan_runs, run_grid, shard_plans
 from nvr.ablation.spec import load_spec
+from nvr.ablation.validate import validate_plans
 from nvr.utils.errors import ConfigError
+from nvr.utils.preflight import check_cache_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nvr ablate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="ablation spec YAML (see configs/ablations/)")
-    parser.add_argument("--dry_run", action="store_true", help="print the planned runs and their commands")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="check every run's overrides against the nvr fit schema, print the runs and commands")
     parser.add_argument("--report_only", action="store_true", help="only (re)write results and plots")
     parser.add_argument("--variants", default=None, help="comma-separated variant names to run (default: all)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds to run (default: the spec's)")
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     shard = _shard(args.shard)
     if shard is not None:
         plans = shard_plans(plans, *shard)
+    check_cache_dir(spec.output_dir, "output_dir")  # runs, mined sets and results all go here
+    validate_plans(spec, plans, extra, source=args.config)  # a typo in an override fails here, not in every run
     if args.dry_run:
         print(describe_plan(spec, plans, extra))
         return 0

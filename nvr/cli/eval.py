@@ -6,6 +6,9 @@ import argparse
 import logging
 
 from nvr.evaluation.evaluate import evaluate_model, format_table
+from nvr.utils.errors import ConfigError
+from nvr.utils.models import check_max_length, check_model_source
+from nvr.utils.preflight import check_cache_dir, check_output_file
 
 
 def _bool(value: str) -> bool:
@@ -57,9 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def preflight(args: argparse.Namespace) -> None:
+    """Checks that need no model, before any is loaded: output file, cache folder, model folder, max lengths
+    (clamped to the model's position limit with a warning)."""
+    check_output_file(args.output, "--output", overwrite=args.overwrite)
+    if args.cache_dir:
+        check_cache_dir(args.cache_dir, "--cache_dir")
+    check_model_source(args.model, "--model")
+    for key in ("max_length", "query_max_length"):
+        value = getattr(args, key)
+        if value is not None:
+            if value <= 0:
+                raise ConfigError(f"--{key}", f"must be > 0, got {value}")
+            setattr(args, key, check_max_length(args.model, value, f"--{key}"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    preflight(args)
     result = evaluate_model(
         args.model, args.beir, split=args.split, pooling=args.pooling, normalize=args.normalize,
         query_instruction=args.query_instruction, passage_prefix=args.passage_prefix,

@@ -1,11 +1,15 @@
-"""``nvr`` entry point: dispatches sub-commands; user errors print one line and exit 2."""
+"""``nvr`` entry point: dispatches sub-commands; user errors print one line and exit 2.
+
+``NvrError`` (bad input, config, locked or full outputs) and, as a last resort, any ``OSError`` (a path that is a
+folder / a file / read-only / full) end the command with ``nvr <cmd>: error: <path>: <what>`` and exit 2.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-from nvr.utils.errors import NvrError
+from nvr.utils.errors import USER_ERRNOS, NvrError, os_error_message
 
 # sub-command -> (module, one-line help); each module exposes ``main(argv: list[str]) -> int | None``.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -40,5 +44,11 @@ def main(argv: list[str] | None = None) -> None:
         code = module.main([name, *rest] if COMMANDS[name][0].endswith("lightning_cli") else rest)
     except NvrError as err:
         print(f"nvr {name}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.filename is None and err.errno not in USER_ERRNOS:
+            raise  # a socket / pipe problem, not about a path the user gave
+        # last resort: a file-system error nvr did not anticipate still names the path in one line
+        print(f"nvr {name}: error: {os_error_message(err)}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)

@@ -5,8 +5,10 @@ Examples::
     nvr mine --config configs/mine/topk_percpos_cranfield.yaml
     nvr mine --config my.yaml --preset sampled_topk_10 --output_dir runs/sampled --export st
 
-``--preset`` sets the filter and sampler *defaults*; a config file or explicit ``--filter.*`` / ``--sampler.*``
-flags given after it still override them. Unknown keys and bad values end with one ``error:`` line and exit 2.
+Options apply in command-line order and the later one wins (as in LightningCLI): ``--preset`` stands for all its
+``--filter.*`` / ``--sampler.*`` values, so a preset after ``--config`` replaces the config's filter and sampler,
+and a config or flag after the preset overrides it. Unknown keys, duplicate YAML keys and bad values end with one
+``error:`` line and exit 2.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from nvr.mining.config import MineConfig
 from nvr.mining.presets import PRESETS, get_preset
 from nvr.mining.report import summary_lines
 from nvr.teachers.cache import dist_rank_world
-from nvr.utils.errors import InputError
+from nvr.utils.errors import ConfigError
+from nvr.utils.preflight import check_output_file
+from nvr.utils.yamlcheck import check_yaml_file, config_paths
 
 _EXTRA = ("config", "preset", "export", "export_path", "print_config")
 EXPORTS = {"st": "sentence_transformers.jsonl", "flag": "flagembedding.jsonl"}
@@ -32,73 +36,74 @@ EXPORTS = {"st": "sentence_transformers.jsonl", "flag": "flagembedding.jsonl"}
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="nvr mine", description=__doc__.split("\n\n")[0], exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with MineConfig fields")
-    parser.add_argument("--preset", type=str, default=None, help=f"filter+sampler preset: {', '.join(PRESETS)}")
+    parser.add_argument("--preset", type=str, default=None,
+                        help=f"filter+sampler preset (later options win): {', '.join(PRESETS)}")
     parser.add_argument("--export", type=str, default=None, choices=[None, *EXPORTS], help="also export: st | flag")
     parser.add_argument("--export_path", type=str, default=None, help="export file (default: inside output_dir)")
     parser.add_class_arguments(MineConfig)
     return parser
 
 
-def _preset_name(argv: list[str]) -> str | None:
-    """The value of ``--preset`` (needed before parsing, since it sets defaults)."""
-    for i, arg in enumerate(argv):
-        if arg == "--preset" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--preset="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def _apply_preset(parser: ArgumentParser, name: str) -> None:
+def _preset_flags(name: str) -> list[str]:
+    """The ``--filter.*`` / ``--sampler.*`` flags a preset stands for (every field, so it fully sets both)."""
     filt, sampler = get_preset(name)
-    defaults = {f"filter.{k}": v for k, v in dataclasses.asdict(filt).items()}
-    defaults |= {f"sampler.{k}": v for k, v in dataclasses.asdict(sampler).items()}
-    parser.set_defaults(defaults)
+    flags: list[str] = []
+    for group, obj in (("filter", filt), ("sampler", sampler)):
+        for key, value in dataclasses.asdict(obj).items():
+            flags += [f"--{group}.{key}", json.dumps(value) if not isinstance(value, str) else value]
+    return flags
 
 
-def _config_paths(argv: list[str]) -> list[str]:
-    """The files given with ``--config`` (repeatable), in order."""
-    paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
-    return paths + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+def expand_presets(argv: list[str]) -> tuple[list[str], str | None]:
+    """Replace each ``--preset NAME`` by the flags it stands for, in place: options are applied in command-line
+    order, so whatever comes later (``--config``, ``--filter.*``, another preset) wins, as in LightningCLI."""
+    out: list[str] = []
+    name: str | None = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--preset" or arg.startswith("--preset="):
+            if arg == "--preset":
+                if i + 1 >= len(argv):
+                    raise ConfigError("preset", f"expected a preset name: {', '.join(PRESETS)}")
+                name, i = argv[i + 1], i + 2
+            else:
+                name, i = arg.split("=", 1)[1], i + 1
+            out += _preset_flags(name)
+            continue
+        out.append(arg)
+        i += 1
+    return out, name
 
 
 def check_yaml_syntax(path: str | Path) -> None:
-    """Raise ``InputError(file, line)`` for a YAML syntax error in a config file.
+    """Raise ``InputError(file, line)`` for a YAML syntax error or a duplicate key in a config file.
 
-    jsonargparse parses the file's text, so its own message names ``<unicode string>`` instead of the file. Only
-    the syntax is checked here (``yaml.compose``: no values are built); a missing file is left to jsonargparse.
+    jsonargparse parses the file's text, so its own message names ``<unicode string>`` instead of the file, and
+    PyYAML keeps the last of two equal keys without a word. A missing file is left to jsonargparse.
     """
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        return
-    try:
-        with open(path, encoding="utf-8") as fh:
-            yaml.compose(fh, Loader=yaml.SafeLoader)
-    except UnicodeDecodeError as err:
-        raise InputError(f"config is not valid UTF-8 ({err.reason} at byte {err.start})", path) from err
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = "; ".join(part for part in (err.context, err.problem) if part) or "syntax error"
-        raise InputError(f"invalid YAML: {problem}{where}", path, mark.line + 1 if mark else None) from err
+    check_yaml_file(path)
 
 
 def parse_config(argv: list[str]) -> tuple[MineConfig, dict]:
     """``MineConfig`` plus the CLI-only options (``preset``, ``export``, ``export_path``)."""
-    for path in _config_paths(argv):
+    for path in config_paths(argv):
         check_yaml_syntax(path)
+    argv, preset = expand_presets(argv)
     parser = build_parser()
-    preset = _preset_name(argv)
-    if preset is not None:
-        _apply_preset(parser, preset)
     ns = parser.parse_args(argv)
     init = parser.instantiate(ns)
     fields = {f.name for f in dataclasses.fields(MineConfig)}
     kwargs = {k: v for k, v in vars(init).items() if k in fields}
     extra = {k: getattr(init, k, None) for k in _EXTRA}
+    extra["preset"] = preset
     return MineConfig(**kwargs), extra
+
+
+def check_export_target(cfg: MineConfig, extra: dict) -> None:
+    """Fail before mining when the export file cannot be written (it is written after the whole run)."""
+    if extra.get("export") and extra.get("export_path"):  # the default lies inside output_dir (checked by mine)
+        check_output_file(extra["export_path"], "export_path", overwrite=cfg.overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as err:
         print(f"nvr mine: error: {err}".replace("\n", " "), file=sys.stderr)
         return 2
+    check_export_target(cfg, extra)
     from nvr.mining.pipeline import mine
 
     out = mine(cfg)

@@ -85,6 +85,9 @@ def build(args: QuickstartArgs):
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    from nvr.utils.preflight import check_cache_dir
+
+    check_cache_dir(args.output, "--output")  # mined set, cache and results go here: fail before any model loads
     t0 = time.perf_counter()
     module, data, trainer = build(args)
     before = trainer.validate(module, datamodule=data, verbose=False)[0]

@@ -7,14 +7,15 @@ corpus of millions of passages stays compact. Every problem in the files raises 
 from __future__ import annotations
 
 import logging
+import re
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from nvr.data.jsonl import iter_jsonl
-from nvr.data.text import passage_text
+from nvr.data.text import passage_text, text_key
 from nvr.utils.errors import ConfigError, InputError
 from nvr.utils.hashing import sha256_texts
 
@@ -26,6 +27,8 @@ Qrels = dict[str, dict[str, int]]
 QRELS_HEADER = ("query-id", "corpus-id", "score")
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 EmptyDocs = Literal["warn", "error"]
+_DECIMAL_INT = re.compile(r"-?[0-9]+")
+_ID_BAD_CHAR = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Corpus:
@@ -301,6 +304,29 @@ def positives_from_qrels(
     return Positives(kept, skipped)
 
 
+def same_text_queries(queries: Queries, qids: Iterable[str]) -> dict[str, list[str]]:
+    """qid -> every qid among ``qids`` whose query text is the same after ``normalize_text`` (itself included,
+    ``qids`` order); only queries that share their text with another one are listed.
+
+    Two ids asking the same question are one information need: the positives of one must not become the other's
+    negatives (the pairs loader and sentence-transformers merge such rows by text).
+    """
+    groups: dict[str, list[str]] = {}
+    for qid in qids:
+        groups.setdefault(text_key(queries.text(qid)), []).append(qid)
+    return {q: group for group in groups.values() if len(group) > 1 for q in group}
+
+
+def union_over(group: Sequence[str], lists: Mapping[str, Sequence[str]]) -> list[str]:
+    """Union of ``lists[q]`` for q in ``group`` (first-seen order; queries without a list contribute nothing)."""
+    return list(dict.fromkeys(d for q in group for d in lists.get(q, ())))
+
+
+def judged_relevant(qrels: Qrels) -> dict[str, list[str]]:
+    """qid -> docs judged with a grade > 0 (qrels order): whatever ``min_relevance`` is, never a negative."""
+    return {q: [d for d, rel in docs.items() if rel > 0] for q, docs in qrels.items()}
+
+
 def _empty_doc_ids(corpus: Corpus) -> set[str]:
     return {corpus.ids[i] for i, (t, x) in enumerate(zip(corpus.titles, corpus.texts)) if not (t.strip() or x.strip())}
 
@@ -327,7 +353,17 @@ def _row_id(row: dict[str, Any], path: Path, line: int) -> str:
     doc_id = str(raw)
     if not doc_id.strip():
         raise InputError("'_id' is empty", path, line)
+    check_id(doc_id, "'_id'", path, line)
     return doc_id
+
+
+def check_id(value: str, what: str, path: Path, line: int) -> None:
+    """Ids are compared exactly as written: one with surrounding whitespace, or a tab / line break / control
+    character (which no TSV qrels line can carry), would silently match another id or none, so it is an error."""
+    if value != value.strip():
+        raise InputError(f"{what} {value!r} has leading or trailing whitespace (ids are compared exactly)", path, line)
+    if _ID_BAD_CHAR.search(value):
+        raise InputError(f"{what} {value!r} contains a tab, line break or control character", path, line)
 
 
 def _optional_str(row: dict[str, Any], key: str, path: Path, line: int) -> str:
@@ -375,20 +411,20 @@ def _parse_qrels_row(cols: list[str], path: Path, line_no: int) -> tuple[str, st
     if len(cols) != 3:
         raise InputError(f"expected 3 tab-separated columns (query-id, corpus-id, score), got {len(cols)}", path,
                          line_no)
-    qid, doc_id, score = (c.strip() for c in cols)
-    if not qid or not doc_id:
+    qid, doc_id, score = cols
+    if not qid.strip() or not doc_id.strip():
         raise InputError("empty query-id or corpus-id", path, line_no)
+    check_id(qid, "query-id", path, line_no)
+    check_id(doc_id, "corpus-id", path, line_no)
     if not _is_int(score):
-        raise InputError(f"score must be an integer, got {score!r}", path, line_no)
+        raise InputError(f"score must be an integer, got {score!r} (ASCII digits, optional leading '-')", path,
+                         line_no)
     return qid, doc_id, int(score)
 
 
 def _is_int(text: str) -> bool:
-    try:
-        int(text)
-    except ValueError:
-        return False
-    return True
+    """Plain ASCII decimal integers only: Python's ``int()`` also takes ``' 1'``, ``'+1'``, ``'1_0'`` and ``'١'``."""
+    return _DECIMAL_INT.fullmatch(text) is not None
 
 
 def _check_known(

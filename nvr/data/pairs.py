@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nvr.data.beir import Corpus, Queries
+from nvr.data.beir import Corpus, Queries, check_id
 from nvr.data.jsonl import iter_jsonl
 from nvr.data.text import passage_text, text_key
 from nvr.utils.errors import InputError
@@ -79,6 +79,7 @@ class _PairsBuilder:
             return f"q:{key[:16]}"
         if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or not str(raw_id).strip():
             raise InputError(f"'query_id' must be a non-empty string or integer, got {raw_id!r}", self.path, line)
+        check_id(str(raw_id), "'query_id'", self.path, line)
         return str(raw_id)
 
     def _positive_texts(self, row: dict[str, Any], line: int) -> list[str]:
@@ -108,6 +109,7 @@ class _PairsBuilder:
             if isinstance(value, bool) or not isinstance(value, (str, int)):
                 raise InputError(f"positive id must be a string or integer, got {value!r}", self.path, line)
             doc_id = str(value)
+            check_id(doc_id, "positive id", self.path, line)
             if doc_id not in corpus.index:
                 raise InputError(f"unknown positive id {doc_id!r} (not in the corpus)", self.path, line)
             ids.append(doc_id)

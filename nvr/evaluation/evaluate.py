@@ -1,7 +1,9 @@
 """``nvr eval``: evaluate any HF model or exported folder on BEIR folders, with cached corpus embeddings.
 
-Corpus embeddings go through :class:`nvr.teachers.cache.EmbeddingCache`, keyed by the model fingerprint and every
-encoding setting, so re-evaluating the same model (e.g. with another query instruction) only encodes the queries.
+Corpus embeddings go through :class:`nvr.teachers.cache.EmbeddingCache` (checksummed: a corrupted cached file is
+re-encoded, never used), keyed by ``Embedder.fingerprint`` (weights + tokenizer + pooling/normalize/dtype/EOS/
+attention settings) and every passage encoding setting (prefix, max length), so re-evaluating the same model (e.g.
+with another query instruction) only encodes the queries while a copy with another tokenizer is re-encoded.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -19,11 +19,16 @@ import numpy as np
 from nvr.data.beir import Corpus
 from nvr.data.text import text_key
 from nvr.mining.search import doc_id_order
-from nvr.mining.table import FORMAT_VERSION, CandidateTable
+from nvr.mining.table import FORMAT_VERSION, CandidateTable, load_cached_table
 from nvr.teachers.cache import dist_rank_world
 from nvr.utils.hashing import sha256_json, sha256_texts
+from nvr.utils.locking import exclusive_lock
 
 log = logging.getLogger(__name__)
+
+EXCLUSION_RULES = "positives+text-duplicates+query-text+excluded-ids/1"
+"""Which candidates ``mark_positives`` flags; part of the table cache key, so a change of the rules (e.g. adding the
+query-text rule) never serves a table flagged under the old ones."""
 
 
 class Teacher(Protocol):
@@ -53,8 +58,11 @@ def build_candidate_table(
     memory_mb: float = 1024,
     cache_dir: str | Path | None = None,
     rows: Sequence[int] | np.ndarray | None = None,
+    excluded: Mapping[str, Sequence[str]] | None = None,
 ) -> CandidateTable:
-    """Top ``depth + max #positives`` candidates per query, positives (and their text duplicates) flagged.
+    """Top ``depth + max #positives`` candidates per query, with every candidate that must never be a negative
+    flagged in ``cand_is_positive``: positives, their text duplicates, documents whose text equals the query's, and
+    the query's ``excluded`` doc ids (judged relevant below ``min_relevance``).
 
     ``rows`` restricts the table to those query rows (e.g. re-building the short ones at a larger depth); the
     table's ``query_ids`` are then that subset, in that order. ``pos_scores`` are computed explicitly for every
@@ -69,31 +77,52 @@ def build_candidate_table(
     texts = [query_texts[i] for i in sel]
     pos_lists = [_positive_rows(qid, positives.get(qid, ()), corpus) for qid in ids]
     pos_idx = _pad_rows(pos_lists)
+    excluded = excluded or {}
+    ex_lists = [_positive_rows(qid, excluded.get(qid, ()), corpus) for qid in ids]
     k = depth + max((len(p) for p in pos_lists), default=0)
 
-    path = None
-    if cache_dir is not None:
-        key = table_fingerprint(teacher, ids, texts, pos_lists, corpus, depth)
-        path = Path(cache_dir) / "tables" / key
-        cached = _load_cached(path)
+    def compute() -> CandidateTable:
+        started = time.monotonic()
+        if ids:
+            by_id = {"query_ids": ids} if getattr(teacher, "uses_query_ids", False) else {}
+            scores, idx, pos_scores = teacher.rank_corpus(
+                texts, corpus, k, pos_idx, doc_id_order(corpus.ids), memory_mb, **by_id
+            )
+        else:
+            scores, idx = np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+            pos_scores = np.zeros(pos_idx.shape, np.float32)
+        table = CandidateTable(
+            teacher=teacher.name, query_ids=ids, doc_ids=corpus.ids, cand_idx=idx, cand_scores=scores,
+            cand_is_positive=mark_positives(idx, pos_idx, corpus, texts, _pad_rows(ex_lists)), pos_idx=pos_idx,
+            pos_scores=pos_scores,
+        )
+        log.info("teacher %s: %d queries x %d candidates in %.1fs", teacher.name, len(ids), k,
+                 time.monotonic() - started)
+        return table
+
+    if cache_dir is None:
+        return compute()
+    key = table_fingerprint(teacher, ids, texts, pos_lists, corpus, depth, excluded=ex_lists)
+    return cached_or_built(Path(cache_dir) / "tables" / key, compute, f"teacher {teacher.name}")
+
+
+def cached_or_built(path: Path, compute: Callable[[], CandidateTable], what: str) -> CandidateTable:
+    """The verified table cached at ``path``, else ``compute()`` saved there (with its checksums).
+
+    The writer (rank 0) holds the entry's exclusive lock while computing, waiting for it when another process
+    holds it, then re-checks the cache: two processes never write one entry and the second reuses the first's
+    result. Other torchrun ranks compute without the lock (they help encode but never write the table).
+    """
+    cached = _load_cached(path, what)
+    if cached is not None:
+        return cached
+    if dist_rank_world()[0] != 0:
+        return compute()
+    with exclusive_lock(entry_lock_path(path), wait=True, what="candidate table cache entry"):
+        cached = _load_cached(path, what, warn=False)  # another process may have built it while we waited
         if cached is not None:
             return cached
-
-    started = time.monotonic()
-    if ids:
-        by_id = {"query_ids": ids} if getattr(teacher, "uses_query_ids", False) else {}
-        scores, idx, pos_scores = teacher.rank_corpus(
-            texts, corpus, k, pos_idx, doc_id_order(corpus.ids), memory_mb, **by_id
-        )
-    else:
-        scores, idx = np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        pos_scores = np.zeros(pos_idx.shape, np.float32)
-    table = CandidateTable(
-        teacher=teacher.name, query_ids=ids, doc_ids=corpus.ids, cand_idx=idx, cand_scores=scores,
-        cand_is_positive=mark_positives(idx, pos_idx, corpus), pos_idx=pos_idx, pos_scores=pos_scores,
-    )
-    log.info("teacher %s: %d queries x %d candidates in %.1fs", teacher.name, len(ids), k, time.monotonic() - started)
-    if path is not None and dist_rank_world()[0] == 0:
+        table = compute()
         table.save(path, overwrite=True)
     return table
 
@@ -105,32 +134,100 @@ def table_fingerprint(
     pos_rows: Sequence[Sequence[int]],
     corpus: Corpus,
     depth: int,
+    excluded: Sequence[Sequence[int]] = (),
 ) -> str:
     """Cache key of a table: teacher settings + corpus + (query id, text) pairs + positives + depth."""
     return sha256_json({
         "format": FORMAT_VERSION, "teacher": teacher.settings_fingerprint, "name": teacher.name,
         "corpus": corpus.fingerprint, "queries": sha256_texts(q for pair in zip(query_ids, query_texts) for q in pair),
         "positives": sha256_json([list(map(int, p)) for p in pos_rows]), "depth": depth,
+        "excluded": sha256_json([list(map(int, e)) for e in excluded]), "exclusion_rules": EXCLUSION_RULES,
     })[:40]
 
 
-def mark_positives(cand_idx: np.ndarray, pos_idx: np.ndarray, corpus: Corpus) -> np.ndarray:
-    """(Q, N) True where the candidate is a positive of its query by row, or has the same ``text_key`` as one."""
-    is_pos = np.zeros(cand_idx.shape, dtype=bool)
-    if cand_idx.size == 0 or pos_idx.size == 0:
-        return is_pos
-    docs = np.unique(np.concatenate([cand_idx.ravel(), pos_idx.ravel()]))
-    docs = docs[docs >= 0]
-    key_ids: dict[str, int] = {}
-    doc_key = np.full(len(corpus), -1, dtype=np.int64)
-    for d in docs:
-        doc_key[d] = key_ids.setdefault(text_key(corpus.passage(int(d))), len(key_ids))
+def mark_positives(
+    cand_idx: np.ndarray,
+    pos_idx: np.ndarray,
+    corpus: Corpus,
+    query_texts: Sequence[str] | None = None,
+    excluded_idx: np.ndarray | None = None,
+) -> np.ndarray:
+    """(Q, N) True where the candidate must never become a negative of its query.
+
+    That is a positive (by row), a document with the same ``text_key`` as a positive, a document with the same
+    ``text_key`` as the query itself (``query_texts``; sentence-transformers and FlagEmbedding exclude those too),
+    or one of the query's ``excluded_idx`` rows (``-1`` pads), e.g. documents judged relevant below ``min_relevance``.
+    """
+    flagged = np.zeros(cand_idx.shape, dtype=bool)
+    if cand_idx.size == 0:
+        return flagged
+    pos_idx = _with_rows(pos_idx, cand_idx.shape[0])
+    excluded_idx = _with_rows(excluded_idx, cand_idx.shape[0])
+    doc_key, key_ids = _doc_keys(corpus, cand_idx, pos_idx)
     cand_key = np.where(cand_idx >= 0, doc_key[np.maximum(cand_idx, 0)], -1)
     pos_key = np.where(pos_idx >= 0, doc_key[np.maximum(pos_idx, 0)], -2)
     for p in range(pos_idx.shape[1]):
-        is_pos |= (cand_idx == pos_idx[:, p : p + 1]) & (pos_idx[:, p : p + 1] >= 0)
-        is_pos |= cand_key == pos_key[:, p : p + 1]
-    return is_pos
+        flagged |= (cand_idx == pos_idx[:, p : p + 1]) & (pos_idx[:, p : p + 1] >= 0)
+        flagged |= cand_key == pos_key[:, p : p + 1]
+    for e in range(excluded_idx.shape[1]):
+        flagged |= (cand_idx == excluded_idx[:, e : e + 1]) & (excluded_idx[:, e : e + 1] >= 0)
+    if query_texts is not None:
+        query_key = np.array([key_ids.get(text_key(t), -3) for t in query_texts], dtype=np.int64)
+        flagged |= cand_key == query_key[:, None]
+    return flagged
+
+
+def exclusion_reasons(
+    table: CandidateTable, query_texts: Sequence[str], corpus: Corpus, excluded: Mapping[str, Sequence[str]]
+) -> np.ndarray:
+    """(Q, N) uint8 why each flagged candidate is not a negative: a ``filters.Reason`` code (``POSITIVE``,
+    ``QUERY_TEXT`` or ``JUDGED_RELEVANT``), 0 where the candidate is not flagged.
+
+    ``mark_positives`` folds every exclusion into ``cand_is_positive`` (one flag that every filter honours); this
+    recovers the cause for reports and audits. Only flagged cells that are not positives by row are hashed, so it is
+    cheap on a cached table. Precedence: positive (or its text duplicate), then judged relevant, then query text.
+    """
+    from nvr.mining.filters import Reason
+
+    flagged = np.asarray(table.cand_is_positive, dtype=bool) & table.valid
+    cand, pos = np.asarray(table.cand_idx), np.asarray(table.pos_idx)
+    out = np.where(flagged, np.uint8(Reason.POSITIVE), np.uint8(0)).astype(np.uint8)
+    by_row = np.zeros(cand.shape, dtype=bool)
+    for p in range(pos.shape[1]):
+        by_row |= (cand == pos[:, p : p + 1]) & (pos[:, p : p + 1] >= 0)
+    keys: dict[int, str] = {}
+
+    def key_of(doc: int) -> str:
+        if doc not in keys:
+            keys[doc] = text_key(corpus.passage(doc))
+        return keys[doc]
+
+    for r, c in zip(*np.nonzero(flagged & ~by_row)):
+        doc = int(cand[r, c])
+        if key_of(doc) in {key_of(int(p)) for p in pos[r] if p >= 0}:
+            continue
+        if corpus.ids[doc] in set(excluded.get(table.query_ids[r], ())):
+            out[r, c] = Reason.JUDGED_RELEVANT
+        elif key_of(doc) == text_key(query_texts[r]):
+            out[r, c] = Reason.QUERY_TEXT
+    return out
+
+
+def _with_rows(idx: np.ndarray | None, rows: int) -> np.ndarray:
+    """``idx`` as an int64 (rows, M) array, M >= 1 (``-1`` pads); None gives one all-padding column."""
+    if idx is None or np.size(idx) == 0:
+        return np.full((rows, 1), -1, dtype=np.int64)
+    return np.asarray(idx, dtype=np.int64)
+
+
+def _doc_keys(corpus: Corpus, *idx_arrays: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+    """``doc_key[row]`` = small int id of the doc's ``text_key`` for every doc named in ``idx_arrays`` (-1 else)."""
+    docs = np.unique(np.concatenate([a.ravel() for a in idx_arrays]))
+    key_ids: dict[str, int] = {}
+    doc_key = np.full(len(corpus), -1, dtype=np.int64)
+    for d in docs[docs >= 0]:
+        doc_key[d] = key_ids.setdefault(text_key(corpus.passage(int(d))), len(key_ids))
+    return doc_key, key_ids
 
 
 def _positive_rows(qid: str, doc_ids: Sequence[str], corpus: Corpus) -> list[int]:
@@ -151,13 +248,15 @@ def _pad_rows(rows: list[list[int]]) -> np.ndarray:
     return out
 
 
-def _load_cached(path: Path) -> CandidateTable | None:
-    if not (path / "meta.json").exists():
-        return None
-    try:
-        table = CandidateTable.load(path)
-    except (OSError, ValueError, KeyError) as err:
-        log.warning("ignoring unreadable cached table %s (%s); rebuilding", path, err)
-        return None
-    log.info("teacher %s: candidate table loaded from cache %s", table.teacher, path)
+def entry_lock_path(entry: Path) -> Path:
+    """What to lock for the cache entry ``<cache>/<kind>/<key>``: ``<cache>/.locks/<kind>/<key>`` (its lock file then
+    lives there, keeping the entry folders free of lock files)."""
+    return entry.parent.parent / ".locks" / entry.parent.name / entry.name
+
+
+def _load_cached(path: Path, what: str, warn: bool = True) -> CandidateTable | None:
+    """The verified cached table, or None (a corrupted one is reported with a warning naming the file)."""
+    table = load_cached_table(path, warn=warn)
+    if table is not None:
+        log.info("%s: candidate table loaded from cache %s", what, path)
     return table

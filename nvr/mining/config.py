@@ -6,7 +6,8 @@ out-of-range values with the offending dotted key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from nvr.utils.errors import ConfigError
@@ -23,6 +24,15 @@ TEACHER_RUNTIME_KEYS = ("shard_size",)
 mining job (manifest config, mined-set cache key), so setting them keeps existing caches and mined sets valid."""
 
 
+def check_finite(obj: object, prefix: str) -> None:
+    """Reject NaN / inf in every float field of a config dataclass (``prefix.field`` names the key): a NaN
+    threshold compares false with every score, so mining would silently keep nothing (or everything)."""
+    for f in fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}.{f.name}", f"must be a finite number, got {value}")
+
+
 @dataclass
 class DataSource:
     """Where the (query, positive) pairs and the corpus come from."""
@@ -37,6 +47,9 @@ class DataSource:
     """Corpus JSONL for ``pairs_file`` mode (defaults to beir_dir/corpus.jsonl)."""
     min_relevance: int = 1
     """Qrels grade at or above which a document counts as positive."""
+    exclude_judged: bool = True
+    """Never mine a document judged relevant (grade > 0) to the query as its negative, even below
+    ``min_relevance`` (false: such documents may be negatives)."""
     max_queries: int | None = None
     """Mine only the first N queries (file order); None = all."""
 
@@ -97,6 +110,13 @@ class CrossEncoderConfig:
     dtype: DType = "float32"
     device: str = "auto"
 
+    def __post_init__(self) -> None:
+        if not self.model_name_or_path:
+            raise ConfigError("cross_encoder.model_name_or_path", "must be a non-empty HF id or folder")
+        for key in ("max_length", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"cross_encoder.{key}", f"must be > 0, got {getattr(self, key)}")
+
 
 @dataclass
 class FilterConfig:
@@ -117,6 +137,7 @@ class FilterConfig:
     """How several positives' scores combine into the anchor (NVIDIA's code uses min)."""
 
     def __post_init__(self) -> None:
+        check_finite(self, "filter")
         if self.shift < 0:
             raise ConfigError("filter.shift", f"must be >= 0, got {self.shift}")
         if self.margin < 0:
@@ -136,6 +157,7 @@ class SamplerConfig:
     """Softmax temperature over teacher scores for sampling (lower = greedier)."""
 
     def __post_init__(self) -> None:
+        check_finite(self, "sampler")
         if self.window <= 0:
             raise ConfigError("sampler.window", f"must be > 0, got {self.window}")
         if self.temperature <= 0:

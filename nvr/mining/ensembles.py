@@ -49,7 +49,7 @@ def cross_sample(per_teacher: Sequence[Selection], seed: int) -> Selection:
     choice = np.array([rng_for(seed, "teacher", q).integers(len(per_teacher)) for q in first.query_ids], np.int64)
     stacked = {
         name: np.stack([getattr(s, name) for s in per_teacher])
-        for name in ("neg_idx", "neg_scores", "neg_teacher", "neg_rank")
+        for name in ("neg_idx", "neg_scores", "neg_teacher", "neg_rank", "starved")
     }
     rows = np.arange(len(first.query_ids))
     picked = {name: arr[choice, rows] for name, arr in stacked.items()}
@@ -58,8 +58,10 @@ def cross_sample(per_teacher: Sequence[Selection], seed: int) -> Selection:
 
 def _intra_row(
     survivor_lists: list[np.ndarray], cand_idx: list[np.ndarray], k: int, dedup: bool
-) -> list[tuple[int, int]]:
-    """One query: (teacher, column) pairs chosen round-robin over the teachers' ranked survivors."""
+) -> tuple[list[tuple[int, int]], bool]:
+    """One query: (teacher, column) pairs chosen round-robin over the teachers' ranked survivors, and whether some
+    teacher ran out of survivors before the row was complete (a deeper candidate list could change the row)."""
+    starved = False
     chosen: list[tuple[int, int]] = []
     taken: set[int] = set()
     pointers = [0] * len(survivor_lists)
@@ -74,6 +76,7 @@ def _intra_row(
                     p += 1
             if p >= len(survivors):
                 pointers[t] = p
+                starved = True
                 continue
             chosen.append((t, int(survivors[p])))
             taken.add(int(cand_idx[t][survivors[p]]))
@@ -81,7 +84,7 @@ def _intra_row(
             progressed = True
         if not progressed:
             break
-    return chosen
+    return chosen, starved
 
 
 def intra_sample(
@@ -97,23 +100,31 @@ def intra_sample(
     neg_scores = np.full((q, k), np.nan, dtype=np.float32)
     neg_teacher = np.full((q, k), -1, dtype=np.int16)
     neg_rank = np.full((q, k), -1, dtype=np.int32)
+    starved = np.zeros(q, dtype=bool)
     for row in range(q):
         lists = [s[row][s[row] >= 0] for s in survivors]
-        for j, (t, col) in enumerate(_intra_row(lists, [c[row] for c in cand], k, dedup)):
+        chosen, starved[row] = _intra_row(lists, [c[row] for c in cand], k, dedup)
+        for j, (t, col) in enumerate(chosen):
             neg_idx[row, j] = cand[t][row, col]
             neg_scores[row, j] = scores[t][row, col]
             neg_teacher[row, j] = t
             neg_rank[row, j] = col
     return Selection(
         query_ids=list(tables[0].query_ids), neg_idx=neg_idx, neg_scores=neg_scores, neg_teacher=neg_teacher,
-        neg_rank=neg_rank,
+        neg_rank=neg_rank, starved=starved,
     )
 
 
 def per_teacher_selections(
-    tables: Sequence[CandidateTable], positions: Sequence[np.ndarray]
+    tables: Sequence[CandidateTable],
+    positions: Sequence[np.ndarray],
+    starved: Sequence[np.ndarray | None] | None = None,
 ) -> list[Selection]:
-    """Single-teacher selections (teacher index = list position), rows aligned to the first table."""
+    """Single-teacher selections (teacher index = list position), rows aligned to the first table; ``starved``
+    (per teacher, in that table's row order) marks rows a deeper candidate list could change."""
     rows_per_teacher = align_rows(tables)
-    triples = zip(tables, positions, rows_per_teacher)
-    return [from_positions(t, pos, i).subset(rows) for i, (t, pos, rows) in enumerate(triples)]
+    starved = list(starved) if starved is not None else [None] * len(tables)
+    return [
+        from_positions(t, pos, i, st).subset(rows)
+        for i, (t, pos, st, rows) in enumerate(zip(tables, positions, starved, rows_per_teacher))
+    ]

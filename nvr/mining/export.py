@@ -2,29 +2,43 @@
 
 - sentence-transformers "n-tuple": ``{"anchor", "positive", "negative_1", ..., "negative_K"}``, one row per
   (query, positive); rows with fewer than K negatives are dropped (an n-tuple dataset needs equal columns) and
-  counted.
+  counted. An export that would have no row at all is an error, not an empty file.
 - FlagEmbedding: ``{"query", "pos": [...], "neg": [...], "pos_scores": [...], "neg_scores": [...], "prompt"?}``,
-  one row per query.
+  one row per query. Rows without any negative are dropped and counted (FlagEmbedding divides by ``len(neg)``).
+  Scores are on ONE scale per row, the teacher that gave the row's negatives: its scores of the positives
+  (``teacher_scores`` in ``mined.jsonl``; ``score`` is the first teacher's) and of the negatives. They are written
+  only when every row has such scores; when a row mixes teachers (``intra_sample`` ensembles) or a positive has no
+  score (random teacher), no row carries scores (a distillation run then fails on a missing key instead of mixing
+  scales), and the summary says so.
 Outputs are written atomically and refused if present unless ``overwrite``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from nvr.data.jsonl import iter_jsonl
 from nvr.mining.mined_set import MANIFEST_FILE, MinedExample, load_mined, mined_file
 from nvr.utils.atomic import atomic_file
-from nvr.utils.errors import ConfigError, OutputExistsError
+from nvr.utils.errors import ConfigError, InputError, OutputExistsError
+
+
+def _manifest_config(mined_dir: Path) -> dict[str, Any]:
+    manifest = mined_file(mined_dir).parent / MANIFEST_FILE
+    if not manifest.is_file():
+        return {}
+    config = json.loads(manifest.read_text(encoding="utf-8")).get("config", {})
+    return config if isinstance(config, dict) else {}
 
 
 def _num_negatives(mined_dir: Path, examples: list[MinedExample]) -> int:
     """K from the run's manifest when present, else the largest number of negatives of any row."""
-    manifest = mined_file(mined_dir).parent / MANIFEST_FILE
-    if manifest.is_file():
-        k = json.loads(manifest.read_text(encoding="utf-8")).get("config", {}).get("num_negatives")
-        if isinstance(k, int) and k > 0:
-            return k
+    k = _manifest_config(mined_dir).get("num_negatives")
+    if isinstance(k, int) and k > 0:
+        return k
     return max((len(e.negative_ids) for e in examples), default=0)
 
 
@@ -52,25 +66,72 @@ def to_sentence_transformers(
             continue
         negatives = {f"negative_{j + 1}": t for j, t in enumerate(ex.negative_texts[:k])}
         rows += [{"anchor": ex.query, "positive": p, **negatives} for p in ex.positive_texts]
+    if not rows:
+        longest = max((len(e.negative_ids) for e in examples), default=0)
+        raise InputError(f"no mined row has {k} negatives ({len(examples)} rows, the longest has {longest}): "
+                         f"nothing to export; export with num_negatives <= {longest} or re-mine",
+                         mined_file(mined_dir))
     _write_rows(out_path, rows, overwrite)
     return {"rows": len(rows), "dropped_short_rows": dropped, "k": k}
 
 
 def to_flagembedding(
     mined_dir: str | Path, out_path: str | Path, prompt: str | None = None, overwrite: bool = False
-) -> dict[str, int]:
-    """Write FlagEmbedding fine-tuning JSONL (scores included, ``prompt`` added when given); returns counts."""
-    rows = []
-    for ex in load_mined(mined_dir):
-        row = {
-            "query": ex.query,
-            "pos": list(ex.positive_texts),
-            "neg": list(ex.negative_texts),
-            "pos_scores": [s if s is not None else 0.0 for s in ex.positive_scores] or [0.0] * len(ex.positive_texts),
-            "neg_scores": list(ex.negative_scores),
-        }
+) -> dict[str, int | bool]:
+    """Write FlagEmbedding fine-tuning JSONL (``prompt`` added when given); see the module doc for the scores.
+
+    Returns ``{"rows", "dropped_without_negatives", "with_scores", "rows_without_comparable_scores"}``.
+    """
+    examples = load_mined(mined_dir)
+    raw_positives = [row.get("positives", []) for _, row in iter_jsonl(mined_file(mined_dir))]
+    first = _first_teacher(Path(mined_dir), examples)
+    rows: list[dict[str, Any]] = []
+    scores: list[tuple[list[float], list[float]] | None] = []
+    for ex, raw in zip(examples, raw_positives):
+        if not ex.negative_texts:
+            continue
+        rows.append({"query": ex.query, "pos": list(ex.positive_texts), "neg": list(ex.negative_texts)})
+        scores.append(_row_scores(ex, raw, first))
+    if not rows:
+        raise InputError(f"no mined row has a negative ({len(examples)} rows): nothing to export",
+                         mined_file(mined_dir))
+    unscored = sum(s is None for s in scores)
+    for row, row_scores in zip(rows, scores):
+        if unscored == 0 and row_scores is not None:
+            row["pos_scores"], row["neg_scores"] = row_scores
         if prompt is not None:
             row["prompt"] = prompt
-        rows.append(row)
     _write_rows(out_path, rows, overwrite)
-    return {"rows": len(rows)}
+    return {"rows": len(rows), "dropped_without_negatives": len(examples) - len(rows), "with_scores": unscored == 0,
+            "rows_without_comparable_scores": unscored}
+
+
+def _first_teacher(mined_dir: Path, examples: Sequence[MinedExample]) -> str | None:
+    """Name of the teacher whose scores ``positives[].score`` holds: the manifest's first teacher (or, without a
+    manifest, the only teacher seen)."""
+    teachers = _manifest_config(mined_dir).get("teachers")
+    if isinstance(teachers, list) and teachers and isinstance(teachers[0], dict):
+        return teachers[0].get("name")
+    seen = {t for ex in examples for t in ex.negative_teachers}
+    return seen.pop() if len(seen) == 1 else None
+
+
+def _row_scores(
+    ex: MinedExample, raw_positives: list[Any], first: str | None
+) -> tuple[list[float], list[float]] | None:
+    """(positive scores, negative scores) by the one teacher that gave all of the row's negatives, or None."""
+    teachers = set(ex.negative_teachers)
+    if len(teachers) != 1:
+        return None
+    teacher = teachers.pop()
+    pos: list[float] = []
+    for raw, score in zip(raw_positives, ex.positive_scores):
+        by_teacher = raw.get("teacher_scores") if isinstance(raw, dict) else None
+        if isinstance(by_teacher, dict) and teacher in by_teacher:
+            score = by_teacher[teacher]
+        elif teacher != first:
+            return None
+        if not isinstance(score, (int, float)) or isinstance(score, bool):
+            return None
+        pos.append(float(score))
+    return pos, list(ex.negative_scores)

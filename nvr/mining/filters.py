@@ -5,8 +5,10 @@ as in the paper's ``filter_fn``: a negative scoring exactly like the threshold i
 compare False and are never kept. Masks are (Q, N) bool arrays aligned with ``CandidateTable.cand_idx``.
 
 ``apply_filter`` records for every cell the *first* rule that rejects it, checked in this order:
-``padding`` -> ``positive`` -> method rule (``shifted`` | ``above_max`` | ``above_margin`` | ``above_perc``) ->
-``below_min``. So a positive is reported as ``positive`` even if it also scores above the threshold.
+``padding`` -> ``positive`` (or, when ``apply_filter`` is given exclusion labels, ``query_text`` /
+``judged_relevant`` for flagged candidates that are not positives) -> method rule (``shifted`` | ``above_max`` |
+``above_margin`` | ``above_perc``) -> ``below_min``. So a positive is reported as ``positive`` even if it also
+scores above the threshold.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ class Reason(IntEnum):
     ABOVE_MARGIN = 5
     ABOVE_PERC = 6
     BELOW_MIN = 7
+    QUERY_TEXT = 8
+    """the document's normalized text equals the query's"""
+    JUDGED_RELEVANT = 9
+    """judged relevant in the qrels (grade > 0) but below ``min_relevance``: not a positive, never a negative"""
 
 
 REASON_NAMES: tuple[str, ...] = tuple(r.name.lower() for r in Reason)
@@ -149,8 +155,12 @@ def method_threshold(anchor: np.ndarray, cfg: FilterConfig) -> np.ndarray:
     return np.full(q, np.inf, dtype=np.float32)
 
 
-def apply_filter(table: CandidateTable, cfg: FilterConfig) -> FilterResult:
-    """Run ``cfg.method`` (plus the optional ``min_score`` floor) over ``table``; see the module doc for the order."""
+def apply_filter(table: CandidateTable, cfg: FilterConfig, labels: np.ndarray | None = None) -> FilterResult:
+    """Run ``cfg.method`` (plus the optional ``min_score`` floor) over ``table``; see the module doc for the order.
+
+    ``labels`` ((Q, N) uint8, from ``build.exclusion_reasons``) names why each flagged candidate is excluded; only
+    the reason codes change with it, never ``keep``.
+    """
     scores = np.asarray(table.cand_scores, dtype=np.float32)
     anchor = anchor_scores(table.pos_scores, cfg.anchor)
     threshold = method_threshold(anchor, cfg)
@@ -173,4 +183,8 @@ def apply_filter(table: CandidateTable, cfg: FilterConfig) -> FilterResult:
         new = fails & ~rejected
         reason[new] = code
         rejected |= new
+    if labels is not None:
+        labels = np.asarray(labels, dtype=np.uint8)
+        relabel = (reason == Reason.POSITIVE) & (labels != 0)
+        reason[relabel] = labels[relabel]
     return FilterResult(keep=~rejected, reason=reason, anchor=anchor, threshold=threshold)

@@ -11,6 +11,8 @@ Row format (written by ``pipeline.mine``, keys in this order)::
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,48 @@ def _parse_row(row: dict[str, Any], path: Path, line: int) -> MinedExample:
         ex.negative_teachers.append(_require(n, "teacher", str, where, path, line))
         ex.negative_ranks.append(_require(n, "rank", int, where, path, line))
     return ex
+
+
+def mined_problem(path: str | Path) -> str | None:
+    """None when ``mined.jsonl`` matches the sha256 and row count its ``manifest.json`` records (or there is no
+    manifest to check against, e.g. a hand-made file); else what differs, as one phrase.
+
+    Catches a file truncated (at a line boundary too), edited or replaced after ``nvr mine`` wrote it.
+    """
+    file = mined_file(path)
+    manifest_path = file.with_name(MANIFEST_FILE)
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"its {MANIFEST_FILE} is unreadable ({err})"
+    record = (manifest.get("files") or {}).get(MINED_FILE) if isinstance(manifest, dict) else None
+    if isinstance(record, str):  # older manifests: the digest alone, the row count under counts.written
+        record = {"sha256": record, "rows": (manifest.get("counts") or {}).get("written")}
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        return None
+    if not file.is_file():
+        return "file missing"
+    digest, rows = hashlib.sha256(), 0
+    with open(file, "rb") as fh:
+        for line in fh:
+            digest.update(line)
+            rows += bool(line.strip())
+    expected_rows = record.get("rows")
+    if isinstance(expected_rows, int) and rows != expected_rows:
+        return (f"{rows} rows but {manifest_path} records {expected_rows}: truncated or edited after mining; "
+                "re-run nvr mine")
+    if digest.hexdigest() != record["sha256"]:
+        return f"sha256 differs from the one {manifest_path} records: modified after mining; re-run nvr mine"
+    return None
+
+
+def verify_mined(path: str | Path) -> None:
+    """Raise ``InputError`` naming ``mined.jsonl`` when it does not match its manifest (see :func:`mined_problem`)."""
+    problem = mined_problem(path)
+    if problem is not None:
+        raise InputError(problem, mined_file(path))
 
 
 def load_mined(path: str | Path) -> list[MinedExample]:

@@ -8,10 +8,12 @@ Output folder (written atomically; an existing one is refused unless ``overwrite
 - ``report.json`` / ``report.png``: statistics (``report.py``); wall time and paths live here.
 - ``audit.parquet`` when ``cfg.audit``.
 
-Shortfall policy: queries with fewer than ``num_negatives`` survivors are re-built at ``max_depth`` and re-selected
-(step 1, skipped when ``depth`` already covers the whole corpus); those still short are then dropped or kept short
-(step 2, ``cfg.shortfall``). Rows are never padded; ``keep_short`` may write rows with no negative at all
-(counted as ``kept_without_negatives``), which train on in-batch negatives only.
+Shortfall policy: queries whose selection ran out of survivors (fewer than ``num_negatives``; for the samplers,
+fewer than ``sampler.window``, so they sample from the same window as a direct deep search; for ``intra_sample``, a
+teacher ran out) are re-built at ``max_depth`` and re-selected (step 1, skipped when ``depth`` already covers the
+whole corpus); those still short are then dropped or kept short (step 2, ``cfg.shortfall``). Rows are never padded;
+``keep_short`` may write rows with no negative at all (counted as ``kept_without_negatives``), which train on
+in-batch negatives only.
 Positive scores in ``mined.jsonl`` come from the first teacher.
 """
 
@@ -30,21 +32,30 @@ from typing import Any
 
 import numpy as np
 
-from nvr.data.beir import Corpus, Queries, load_beir, load_corpus, positives_from_qrels
+from nvr.data.beir import (
+    Corpus,
+    Queries,
+    judged_relevant,
+    load_beir,
+    load_corpus,
+    positives_from_qrels,
+    same_text_queries,
+    union_over,
+)
 from nvr.data.pairs import load_pairs
 from nvr.mining.audit import write_audit
-from nvr.mining.build import build_candidate_table
+from nvr.mining.build import build_candidate_table, exclusion_reasons
 from nvr.mining.config import TEACHER_RUNTIME_KEYS, DataSource, MineConfig, TeacherConfig
 from nvr.mining.ensembles import cross_sample, intra_sample, per_teacher_selections
-from nvr.mining.filters import FilterResult, apply_filter
+from nvr.mining.filters import FilterResult, Reason, apply_filter
 from nvr.mining.mined_set import MANIFEST_FILE, MINED_FILE
 from nvr.mining.report import build_report, plot_report
-from nvr.mining.samplers import select
+from nvr.mining.samplers import needed_survivors, select, starved
 from nvr.mining.selection import Selection
 from nvr.mining.table import CandidateTable
 from nvr.teachers.cache import dist_rank_world
 from nvr.utils.atomic import atomic_dir, atomic_file
-from nvr.utils.errors import ConfigError, InputError, OutputExistsError
+from nvr.utils.errors import ConfigError, InputError
 from nvr.utils.hashing import sha256_json, sha256_texts
 
 log = logging.getLogger(__name__)
@@ -59,12 +70,19 @@ _VERSIONED = ("nvr", "numpy", "torch", "transformers", "faiss-cpu", "faiss-gpu",
 
 @dataclass
 class MiningData:
-    """Queries that have positives (file order), their positive doc ids, the corpus, and fingerprints."""
+    """Queries that have positives (file order), their positive doc ids, the corpus, and fingerprints.
+
+    ``excluded``: per query, doc ids that are neither positives nor allowed as negatives (judged relevant below
+    ``min_relevance``, by this query or one with the same text). ``merged_queries``: queries whose positives and
+    judgements were unioned with those of other queries with the same normalized text.
+    """
 
     queries: Queries
     positives: dict[str, list[str]]
     corpus: Corpus
     skipped_queries: int
+    excluded: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    merged_queries: int = 0
 
     def fingerprints(self) -> dict[str, Any]:
         return {
@@ -87,9 +105,53 @@ def content_config(cfg: MineConfig) -> dict[str, Any]:
     return out
 
 
-def mining_fingerprint(cfg: MineConfig) -> str:
-    """Stable id of a mining config (e.g. to name a cached mined folder); ignores output locations."""
-    return sha256_json(content_config(cfg))[:16]
+def input_files(src: DataSource) -> dict[str, Path]:
+    """Every file the mining data is read from, by role (BEIR: corpus, queries and every qrels split, so an edit of
+    any judgement file counts; pairs: the pairs file and its corpus). Missing ones are an ``InputError``."""
+    from nvr.data.beir import beir_files
+
+    files: dict[str, Path] = {}
+    if src.pairs_file is not None:
+        files["pairs"] = Path(src.pairs_file)
+        corpus = src.corpus_file or (str(Path(src.beir_dir) / "corpus.jsonl") if src.beir_dir else None)
+        if corpus is not None:
+            files["corpus"] = Path(corpus)
+    else:
+        corpus_path, queries_path, _ = beir_files(src.beir_dir, src.split)
+        files.update(corpus=corpus_path, queries=queries_path)
+        for qrels in sorted((Path(src.beir_dir) / "qrels").glob("*.tsv")):
+            files[f"qrels/{qrels.name}"] = qrels
+    for path in files.values():
+        if not path.is_file():
+            raise InputError("input file not found", path)
+    return files
+
+
+def mining_inputs(cfg: MineConfig, teacher_fingerprints: Sequence[dict[str, str]] | None = None) -> dict[str, Any]:
+    """What a mined set depends on besides its config: the content (sha256) of every input file, each teacher's
+    fingerprint (model folder content + every encoding setting) and the cross-encoder's. Cheap on a warm run: file
+    hashes are memoized under ``cache_dir/fingerprints`` by file identity and no model is loaded."""
+    from nvr.utils.fingerprint import files_fingerprint, memo_dir_for
+
+    if teacher_fingerprints is None:
+        teachers = [make_teacher(t, cfg.cache_dir, cfg.seed) for t in cfg.teachers]
+        teacher_fingerprints = [{"name": t.name, "kind": c.kind, "fingerprint": t.settings_fingerprint}
+                                for t, c in zip(teachers, cfg.teachers)]
+    cross_encoder = None
+    if cfg.cross_encoder is not None:
+        from nvr.teachers.cross_encoder import CrossEncoderRescorer
+
+        cross_encoder = CrossEncoderRescorer(cfg.cross_encoder, cache_dir=cfg.cache_dir).fingerprint
+    return {"files": files_fingerprint(input_files(cfg.data), memo_dir_for(cfg.cache_dir)),
+            "teachers": list(teacher_fingerprints), "cross_encoder": cross_encoder}
+
+
+def mining_fingerprint(cfg: MineConfig, inputs: dict[str, Any] | None = None) -> str:
+    """Content address of a mined set (names the cached mined folder): the content config + ``mining_inputs``
+    (input file contents, teacher and cross-encoder identities). Output locations and runtime knobs are left out,
+    so moving the output or the cache keeps the address; editing the corpus or retraining a teacher changes it."""
+    inputs = mining_inputs(cfg) if inputs is None else inputs
+    return sha256_json({"config": content_config(cfg), "inputs": inputs})[:16]
 
 
 def load_data(src: DataSource) -> MiningData:
@@ -99,16 +161,43 @@ def load_data(src: DataSource) -> MiningData:
         corpus = load_corpus(corpus_path) if corpus_path else None
         queries, positives, corpus = load_pairs(src.pairs_file, corpus)
         skipped = 0
+        excluded: dict[str, list[str]] = {}
+        merged: set[str] = set()  # the pairs loader already merges rows with the same query text
     else:
         ds = load_beir(src.beir_dir, src.split)
         pos = positives_from_qrels(ds.qrels, ds.queries, src.min_relevance, corpus=ds.corpus)
         queries = ds.queries.subset(q for q in ds.queries.ids if q in pos)
-        positives, corpus, skipped = dict(pos), ds.corpus, pos.skipped
+        positives, excluded, merged = _merge_judgements(ds.queries, ds.qrels, pos)
+        excluded = excluded if src.exclude_judged else {}
+        corpus, skipped = ds.corpus, pos.skipped
     if src.max_queries is not None:
         queries = queries.subset(queries.ids[: src.max_queries])
     if len(queries) == 0:
         raise InputError("no query has a positive document; nothing to mine", src.pairs_file or src.beir_dir)
-    return MiningData(queries, {q: list(positives[q]) for q in queries.ids}, corpus, skipped)
+    kept = set(queries.ids)
+    return MiningData(queries, {q: list(positives[q]) for q in queries.ids}, corpus, skipped,
+                      {q: d for q, d in excluded.items() if q in kept and d}, sum(1 for q in merged if q in kept))
+
+
+def _merge_judgements(
+    queries: Queries, qrels: dict[str, dict[str, int]], pos: dict[str, list[str]]
+) -> tuple[dict[str, list[str]], dict[str, list[str]], set[str]]:
+    """(positives, excluded, merged qids) for the queries in ``pos``.
+
+    Queries of the split with the same normalized text keep their own ids but share the union of their positives
+    (so no positive of one is mined as a negative of the other); every document judged relevant (grade > 0) to any
+    of them that is not a positive is excluded from the negatives (a ``min_relevance`` > 1 must not turn relevant
+    documents into negatives).
+    """
+    groups = same_text_queries(queries, [q for q in queries.ids if q in qrels])
+    judged = judged_relevant(qrels)
+    positives, excluded = {}, {}
+    for qid in pos:
+        group = groups.get(qid, [qid])
+        positives[qid] = union_over([qid, *group], pos)
+        taken = set(positives[qid])
+        excluded[qid] = [d for d in union_over([qid, *group], judged) if d not in taken]
+    return positives, excluded, {q for q in pos if q in groups}
 
 
 def make_teacher(cfg: TeacherConfig, cache_dir: str | Path, seed: int | None = None):
@@ -133,18 +222,41 @@ def build_tables(
 ) -> list[CandidateTable]:
     """One candidate table per teacher (cached by ``build``), rescored by the cross-encoder when configured."""
     ids, texts = data.queries.ids, data.queries.texts
+    Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)  # first, so model fingerprints are memoized on a cold run
     tables = [
         build_candidate_table(
-            teacher, ids, texts, data.positives, data.corpus, depth, cfg.search_memory_mb, cfg.cache_dir, rows
+            teacher, ids, texts, data.positives, data.corpus, depth, cfg.search_memory_mb, cfg.cache_dir, rows,
+            excluded=data.excluded,
         )
         for teacher in teachers
     ]
     if cfg.cross_encoder is not None:
         from nvr.teachers.cross_encoder import CrossEncoderRescorer
 
-        rescorer = CrossEncoderRescorer(cfg.cross_encoder)
+        rescorer = CrossEncoderRescorer(cfg.cross_encoder, cache_dir=cfg.cache_dir)  # scores cached there
         tables = [rescorer.rescore(t, [data.queries.text(q) for q in t.query_ids], data.corpus) for t in tables]
     return tables
+
+
+def filter_tables(cfg: MineConfig, tables: Sequence[CandidateTable], data: MiningData) -> list[FilterResult]:
+    """``apply_filter`` per table, with each excluded candidate's cause (positive, query text, judged) recorded."""
+    return [
+        apply_filter(t, cfg.filter, exclusion_reasons(t, [data.queries.text(q) for q in t.query_ids], data.corpus,
+                                                      data.excluded))
+        for t in tables
+    ]
+
+
+def excluded_candidate_counts(tables: Sequence[CandidateTable], results: Sequence[FilterResult]) -> dict[str, int]:
+    """Distinct (query, doc) candidates of any teacher kept out of the negatives for equalling the query's text or
+    for being judged relevant below ``min_relevance``."""
+    found: dict[Reason, set[tuple[str, int]]] = {Reason.QUERY_TEXT: set(), Reason.JUDGED_RELEVANT: set()}
+    for t, r in zip(tables, results):
+        for code, pairs in found.items():
+            rows, cols = np.nonzero(r.reason == code)
+            pairs.update((t.query_ids[i], int(t.cand_idx[i, j])) for i, j in zip(rows, cols))
+    return {"excluded_query_text_candidates": len(found[Reason.QUERY_TEXT]),
+            "excluded_judged_candidates": len(found[Reason.JUDGED_RELEVANT])}
 
 
 def check_feasible(cfg: MineConfig, data: MiningData) -> None:
@@ -180,7 +292,7 @@ def select_negatives(
     positions = [
         select(r.keep, t.cand_scores, cfg.sampler, k, cfg.seed, t.query_ids) for t, r in zip(tables, results)
     ]
-    per_teacher = per_teacher_selections(tables, positions)
+    per_teacher = per_teacher_selections(tables, positions, [starved(r.keep, cfg.sampler, k) for r in results])
     if cfg.ensemble == "none":
         return per_teacher[0], per_teacher
     if cfg.ensemble == "cross_sample":
@@ -217,22 +329,23 @@ def run_mining(cfg: MineConfig) -> MiningResult:
     check_feasible(cfg, data)
     teachers = [make_teacher(t, cfg.cache_dir, cfg.seed) for t in cfg.teachers]
     tables = build_tables(cfg, teachers, data, cfg.depth)
-    results = [apply_filter(t, cfg.filter) for t in tables]
+    results = filter_tables(cfg, tables, data)
     selection, per_teacher = select_negatives(cfg, tables, results)
     deep_tables: list[CandidateTable] = []
     deep_results: list[FilterResult] = []
-    short_rows = np.flatnonzero(selection.short)
+    short_rows = np.flatnonzero(selection.starved)  # fewer than K survivors, or a sampling window not full
+    was_short = selection.short.copy()
     if short_rows.size and cfg.max_depth > cfg.depth and not covers_corpus(tables, len(data.corpus)):
-        log.info("%d queries have < %d negatives: re-building them at depth %d", short_rows.size,
-                 cfg.num_negatives, cfg.max_depth)
+        log.info("%d queries have < %d survivors: re-building them at depth %d", short_rows.size,
+                 needed_survivors(cfg.sampler, cfg.num_negatives), cfg.max_depth)
         deep_tables = build_tables(cfg, teachers, data, cfg.max_depth, short_rows)
-        deep_results = [apply_filter(t, cfg.filter) for t in deep_tables]
+        deep_results = filter_tables(cfg, deep_tables, data)
         deep_sel, deep_per = select_negatives(cfg, deep_tables, deep_results)
         selection = selection.replace_rows(short_rows, deep_sel)
         per_teacher = [p.replace_rows(short_rows, d) for p, d in zip(per_teacher, deep_per)]
-    elif short_rows.size and cfg.max_depth > cfg.depth:
+    elif selection.short.any() and cfg.max_depth > cfg.depth:
         log.info("%d queries have < %d negatives; not re-searched: depth %d already covers the whole corpus (%d "
-                 "docs)", short_rows.size, cfg.num_negatives, cfg.depth, len(data.corpus))
+                 "docs)", int(selection.short.sum()), cfg.num_negatives, cfg.depth, len(data.corpus))
     still_short = selection.short
     kept = np.flatnonzero(~still_short) if cfg.shortfall == "drop" else np.arange(len(selection.query_ids))
     if kept.size == 0:
@@ -240,12 +353,15 @@ def run_mining(cfg: MineConfig) -> MiningResult:
                                        f"{cfg.num_negatives} survivors; lower num_negatives or use keep_short")
     counts = {
         **selection.shortfall_counts(),
-        "recovered_by_widening": int((selection.widened & ~still_short).sum()),
+        "recovered_by_widening": int((was_short & ~still_short).sum()),
         "dropped_short": int(len(selection.query_ids) - kept.size),
         "kept_short": int(still_short[kept].sum()),
         "kept_without_negatives": int((selection.n_selected[kept] == 0).sum()),
         "written": int(kept.size),
         "skipped_without_positives": data.skipped_queries,
+        "merged_duplicate_text_queries": data.merged_queries,
+        "judged_relevant_excluded": sum(len(v) for v in data.excluded.values()),
+        **excluded_candidate_counts([*tables, *deep_tables], [*results, *deep_results]),
     }
     fingerprints = [
         {"name": t.name, "kind": c.kind, "fingerprint": t.settings_fingerprint} for t, c in zip(teachers, cfg.teachers)
@@ -259,18 +375,28 @@ def _round(x: float) -> float | None:
 
 
 def mined_rows(res: MiningResult) -> list[dict[str, Any]]:
-    """The ``mined.jsonl`` objects of the kept queries (deterministic key order)."""
+    """The ``mined.jsonl`` objects of the kept queries (deterministic key order).
+
+    A positive's ``score`` is the first teacher's; with several teachers each positive also carries
+    ``teacher_scores`` (teacher name -> score), so an exporter can put a row's positives on the scale of the teacher
+    that gave its negatives.
+    """
     corpus, sel, first = res.data.corpus, res.selection, res.tables[0]
-    first_row = {q: i for i, q in enumerate(first.query_ids)}
+    row_of = [{q: i for i, q in enumerate(t.query_ids)} for t in res.tables]
     names = [t.teacher for t in res.tables]
     out = []
     for r in res.kept_rows:
         qid = sel.query_ids[r]
-        fr = first_row[qid]
+        fr = row_of[0][qid]
         positives = [
             {"id": corpus.ids[d], "text": corpus.passage(d), "score": _round(s)}
             for d, s in zip(first.pos_idx[fr].tolist(), first.pos_scores[fr].tolist()) if d >= 0
         ]
+        if len(res.tables) > 1:
+            for j, p in enumerate(positives):
+                p["teacher_scores"] = {
+                    t.teacher: _round(float(t.pos_scores[rows[qid], j])) for t, rows in zip(res.tables, row_of)
+                }
         negatives = [
             {"id": corpus.ids[d], "text": corpus.passage(d), "score": _round(s), "teacher": names[t], "rank": k}
             for d, s, t, k in zip(sel.neg_idx[r].tolist(), sel.neg_scores[r].tolist(), sel.neg_teacher[r].tolist(),
@@ -291,29 +417,42 @@ def package_versions() -> dict[str, str]:
     return found
 
 
-def manifest(cfg: MineConfig, res: MiningResult, mined_sha256: str) -> dict[str, Any]:
+def manifest(cfg: MineConfig, res: MiningResult, mined: dict[str, Any]) -> dict[str, Any]:
+    """The manifest: config, the inputs it was mined from (file hashes, teacher and cross-encoder fingerprints, the
+    same ones the mined-set address covers), counts and the checksum of ``mined.jsonl`` (``{"sha256", "bytes",
+    "rows"}``; ``nvr fit`` verifies it before training)."""
+    inputs = mining_inputs(cfg, res.teacher_fingerprints)
+    cross_encoder = None
+    if cfg.cross_encoder is not None:
+        cross_encoder = {"model_name_or_path": cfg.cross_encoder.model_name_or_path,
+                         "fingerprint": inputs["cross_encoder"]}
     return {
         "format": MANIFEST_FORMAT,
-        "fingerprint": mining_fingerprint(cfg),
+        "fingerprint": mining_fingerprint(cfg, inputs),
         "config": content_config(cfg),
         "seed": cfg.seed,
         "versions": package_versions(),
         "teachers": res.teacher_fingerprints,
+        "cross_encoder": cross_encoder,
+        "input_files": inputs["files"],
         "data": res.data.fingerprints(),
         "counts": res.counts,
-        "files": {MINED_FILE: mined_sha256},
+        "files": {MINED_FILE: mined},
     }
 
 
 def _write_outputs(folder: Path, cfg: MineConfig, res: MiningResult, started: float) -> None:
     digest = hashlib.sha256()
-    with atomic_file(folder / MINED_FILE) as fh:
+    size = rows = 0
+    with atomic_file(folder / MINED_FILE, "wb") as fh:
         for row in mined_rows(res):
-            line = json.dumps(row, ensure_ascii=False) + "\n"
-            digest.update(line.encode("utf-8"))
+            line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+            digest.update(line)
+            size, rows = size + len(line), rows + 1
             fh.write(line)
+    mined = {"sha256": digest.hexdigest(), "bytes": size, "rows": rows}
     with atomic_file(folder / MANIFEST_FILE) as fh:
-        json.dump(manifest(cfg, res, digest.hexdigest()), fh, indent=2, ensure_ascii=False)
+        json.dump(manifest(cfg, res, mined), fh, indent=2, ensure_ascii=False)
         fh.write("\n")
     widened = res.selection.widened
     groups = [(res.tables, res.results, res.selection.subset(np.flatnonzero(~widened)))]
@@ -340,15 +479,31 @@ def _write_outputs(folder: Path, cfg: MineConfig, res: MiningResult, started: fl
 
 
 def mine(cfg: MineConfig) -> Path:
-    """Run a mining job and return the output folder (see the module doc)."""
+    """Run a mining job and return the output folder (see the module doc).
+
+    Before any data or model is loaded: the output and cache locations must be writable (and the output absent
+    unless ``overwrite``), local teacher folders complete, max lengths within the models' position limits
+    (clamped with a warning; the manifest records the clamped values). Rank 0 holds an exclusive lock on the output
+    folder from then until the final rename, so a concurrent run on the same folder fails at once with
+    ``LockedError`` instead of one result silently replacing the other.
+    """
+    import contextlib
+
+    from nvr.utils.locking import exclusive_lock
+    from nvr.utils.preflight import check_output_dir, preflight_mine, teacher_key_scope
+
     started = time.monotonic()
     out = Path(cfg.output_dir)
-    if out.exists() and not cfg.overwrite:
-        raise OutputExistsError(out)  # before any encoding, not after
-    res = run_mining(cfg)
-    if dist_rank_world()[0] != 0:
-        return out  # under torchrun every rank helps encode; only rank 0 writes the (identical) result
-    with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
-        _write_outputs(tmp, cfg, res, started)
+    run_cfg = preflight_mine(cfg)  # before any encoding, not after
+    writer = dist_rank_world()[0] == 0
+    with exclusive_lock(out, what="output folder") if writer else contextlib.nullcontext():
+        if writer:
+            check_output_dir(out, "output_dir", cfg.overwrite)  # again under the lock: a run may have just finished
+        with teacher_key_scope(run_cfg):
+            res = run_mining(run_cfg)
+        if not writer:
+            return out  # under torchrun every rank helps encode; only rank 0 writes the (identical) result
+        with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
+            _write_outputs(tmp, run_cfg, res, started)
     log.info("mined %d queries -> %s", res.counts["written"], out)
     return out

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from nvr.mining.filters import REASON_NAMES, FilterResult
+from nvr.mining.filters import REASON_NAMES, FilterResult, Reason
 from nvr.mining.selection import Selection
 from nvr.mining.table import CandidateTable
 
@@ -33,9 +33,14 @@ def score_stats(values: np.ndarray) -> dict[str, float | int | None]:
     }
 
 
-def first_positive_rank(table: CandidateTable) -> np.ndarray:
-    """(Q,) 1-based rank of the best-ranked positive among the candidates, 0 when none is in the list."""
+def first_positive_rank(table: CandidateTable, result: FilterResult | None = None) -> np.ndarray:
+    """(Q,) 1-based rank of the best-ranked positive among the candidates, 0 when none is in the list.
+
+    With ``result``, candidates excluded for another cause (query text, judged relevant) do not count as positives.
+    """
     is_pos = np.asarray(table.cand_is_positive, dtype=bool) & table.valid
+    if result is not None:
+        is_pos &= result.reason == Reason.POSITIVE
     found = is_pos.any(axis=1)
     return np.where(found, is_pos.argmax(axis=1) + 1, 0).astype(np.int64)
 
@@ -112,7 +117,7 @@ def build_report(
             "positive_anchor": score_stats(r.anchor),
             "first_survivor_score": score_stats(first_survivor_scores(t, r)),
             "selected_negative_score": score_stats(own.neg_scores),
-            "first_positive_rank": rank_summary(first_positive_rank(t), t.depth),
+            "first_positive_rank": rank_summary(first_positive_rank(t, r), t.depth),
         }
     pos, neg = positive_negative_scores(selection, tables, results)
     teacher_counts = np.bincount(selection.neg_teacher[selection.neg_teacher >= 0], minlength=len(names))

@@ -31,6 +31,17 @@ def ranked_survivors(keep: np.ndarray, limit: int | None = None) -> np.ndarray:
     return out
 
 
+def needed_survivors(cfg: SamplerConfig, k: int) -> int:
+    """Survivors a query's candidate list must hold for its selection to be final: K for ``topk``, the whole
+    ``window`` for the samplers (sampling from a truncated window would differ from a deeper search)."""
+    return k if cfg.method == "topk" else max(cfg.window, k)
+
+
+def starved(keep: np.ndarray, cfg: SamplerConfig, k: int) -> np.ndarray:
+    """(Q,) True where fewer than ``needed_survivors`` survive: a deeper candidate list could change the pick."""
+    return np.asarray(keep, dtype=bool).sum(axis=1) < needed_survivors(cfg, k)
+
+
 def gumbel_top_k(scores: np.ndarray, k: int, temperature: float, rng: np.random.Generator) -> np.ndarray:
     """Indices (into ``scores``) of k draws without replacement, p ~ softmax(scores / temperature), sorted."""
     scores = np.asarray(scores, dtype=np.float64)

@@ -34,7 +34,8 @@ def exact_topk(
     """Top-``k`` documents per query by inner product, ties broken by ``doc_order`` (rank of each doc's id).
 
     Returns ``(scores[Q, k] float32, idx[Q, k] int64)``; rows are padded with ``nan`` / ``-1`` when ``D < k``.
-    ``memory_mb`` bounds one block of the query x doc score matrix (and of the re-scoring buffers).
+    ``memory_mb`` bounds the working memory of every block (the score matrix and every temporary derived from it,
+    the merge and re-scoring buffers, the norm pass); only per-query result buffers (O(Q x k)) come on top.
     """
     queries, docs = _check_inputs(queries, docs, k, memory_mb)
     n_queries, n_docs = queries.shape[0], docs.shape[0]
@@ -44,17 +45,19 @@ def exact_topk(
     k_eff = min(k, n_docs)
     if n_queries == 0 or k_eff == 0:
         return scores, idx
-    _checked_max_norm(queries, "queries")
-    doc_norm_max = _checked_max_norm(docs, "docs")
-    coarse = _coarse_backend(use_gpu)
     budget = int(memory_mb * 2**20)
+    _checked_max_norm(queries, "queries", budget)
+    doc_norm_max = _checked_max_norm(docs, "docs", budget)
+    coarse = _coarse_backend(use_gpu)
     pending = np.arange(n_queries)
     fetch = min(n_docs, k_eff + max(16, k_eff // 4))
     while pending.size:
         if fetch > _FAISS_GPU_MAX_K and getattr(coarse, "gpu", False):
             coarse = _coarse_backend(False)
-        cand = _coarse_topk(queries[pending], docs, fetch, budget, coarse)
-        top_s, top_i, safe = _refine(queries[pending], docs, cand, k_eff, order, doc_norm_max, budget)
+        block = queries if pending.size == n_queries else queries[pending]  # no copy of all queries on pass 1
+        cand = _coarse_topk(block, docs, fetch, budget, coarse)
+        top_s, top_i, safe = _refine(block, docs, cand, k_eff, order, doc_norm_max, budget)
+        del block, cand
         done = pending[safe]
         scores[done, :k_eff] = top_s[safe]
         idx[done, :k_eff] = top_i[safe]
@@ -124,12 +127,21 @@ def _check_inputs(queries: np.ndarray, docs: np.ndarray, k: int, memory_mb: floa
     return queries, docs
 
 
-def _checked_max_norm(x: np.ndarray, name: str) -> float:
-    """Largest row norm (for the coarse error bound); also rejects nan/inf without a full-size temporary."""
-    sq = _row_sq_norms(x)
-    if not np.isfinite(sq).all():
-        raise ValueError(f"{name} embeddings contain nan or inf (row {int(np.argmin(np.isfinite(sq)))})")
-    return float(np.sqrt(sq.max())) if sq.size else 0.0
+def _checked_max_norm(x: np.ndarray, name: str, budget: int) -> float:
+    """Largest row norm (for the coarse error bound); also rejects nan/inf. Streams blocks: no per-row array."""
+    block = _norm_block(x, budget)
+    best = 0.0
+    for a in range(0, x.shape[0], block):
+        sq = _row_sq_norms(x[a : a + block], block)
+        if not np.isfinite(sq).all():
+            raise ValueError(f"{name} embeddings contain nan or inf (row {a + int(np.argmin(np.isfinite(sq)))})")
+        best = max(best, float(sq.max()))
+    return float(np.sqrt(best))
+
+
+def _norm_block(x: np.ndarray, budget: int) -> int:
+    """Rows per block of the norm pass: an fp64 copy of the rows (8 B per value) plus its products fit the budget."""
+    return max(1, min(8192, budget // (16 * max(1, x.shape[1]) + 8)))
 
 
 def _check_doc_order(doc_order: np.ndarray | None, n_docs: int) -> np.ndarray:
@@ -159,12 +171,19 @@ def _exact_dot(q_rows: np.ndarray, d_rows: np.ndarray) -> np.ndarray:
 
 
 def _numpy_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by a matmul: 4 B per score plus argpartition's int64 positions (8 B) = ``_NUMPY_CELL_BYTES``; the
+    scores are negated in place (no ``-sims`` copy)."""
     sims = xq @ xb.T
     if k >= xb.shape[0]:
-        part = np.broadcast_to(np.arange(xb.shape[0]), sims.shape)
-    else:
-        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    return np.take_along_axis(sims, part, axis=1), part.astype(np.int64)
+        return sims, np.broadcast_to(np.arange(xb.shape[0], dtype=np.int64), sims.shape).copy()
+    np.negative(sims, out=sims)
+    part = np.argpartition(sims, k - 1, axis=1)[:, :k].copy()  # a copy: a view would keep all positions alive
+    top = np.take_along_axis(sims, part, axis=1)
+    np.negative(top, out=top)
+    return top, part.astype(np.int64, copy=False)
+
+
+_numpy_knn.cell_bytes = 12  # type: ignore[attr-defined]
 
 
 def _coarse_backend(use_gpu: bool | None) -> CoarseFn:
@@ -193,12 +212,18 @@ def _coarse_backend(use_gpu: bool | None) -> CoarseFn:
     return cpu_knn
 
 
-def _block_sizes(n_queries: int, n_docs: int, fetch: int, budget: int) -> tuple[int, int]:
-    """(query block, doc block) so that one block of scores (4 B each) fits in ``budget`` bytes."""
-    if n_docs * 4 * min(n_queries, _MIN_QUERY_BLOCK) <= budget:
-        return max(1, min(n_queries, budget // (n_docs * 4))), n_docs
-    q_block = max(1, min(n_queries, _MIN_QUERY_BLOCK, budget // (8 * fetch)))
-    return q_block, max(fetch, budget // (4 * q_block))
+_MERGE_BYTES_PER_FETCH = 60
+"""Bytes per (query, fetched candidate) of a doc-blocked merge: two concatenated (score, id) lists (2 x 12), the
+negated scores (8), argpartition positions (16) and the merged result (12)."""
+
+
+def _block_sizes(n_queries: int, n_docs: int, fetch: int, budget: int, cell_bytes: int = 4) -> tuple[int, int]:
+    """(query block, doc block) so that one block of scores with every temporary derived from it (``cell_bytes``
+    per query x doc cell) fits in ``budget`` bytes, and so does the merge of a doc-blocked pass."""
+    if n_docs * cell_bytes * min(n_queries, _MIN_QUERY_BLOCK) <= budget:
+        return max(1, min(n_queries, budget // (n_docs * cell_bytes))), n_docs
+    q_block = max(1, min(n_queries, _MIN_QUERY_BLOCK, budget // (_MERGE_BYTES_PER_FETCH * fetch)))
+    return q_block, max(fetch, budget // (cell_bytes * q_block))
 
 
 def _coarse_topk(
@@ -206,7 +231,7 @@ def _coarse_topk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Approximate-order top-``fetch`` (scores, idx) per query, merged over doc blocks."""
     n_queries, n_docs = queries.shape[0], docs.shape[0]
-    q_block, d_block = _block_sizes(n_queries, n_docs, fetch, budget)
+    q_block, d_block = _block_sizes(n_queries, n_docs, fetch, budget, getattr(knn, "cell_bytes", 4))
     best_s = np.full((n_queries, fetch), -np.inf, dtype=np.float32)
     best_i = np.full((n_queries, fetch), -1, dtype=np.int64)
     for d0 in range(0, n_docs, d_block):
@@ -258,7 +283,7 @@ def _refine(
         out_i[rows] = np.take_along_axis(ci, perm, axis=1)
     if fetch >= n_docs:
         return out_s, out_i, np.ones(n_queries, dtype=bool)
-    q_norm = np.sqrt(_row_sq_norms(queries))
+    q_norm = np.sqrt(_row_sq_norms(queries, _norm_block(queries, budget)))
     coarse_err = 2 * dim * _F32_UNIT_ROUNDOFF * q_norm * doc_norm_max + 1e-30
     unretrieved_max = coarse_s.min(axis=1).astype(np.float64) + coarse_err
     safe = out_s[:, k - 1].astype(np.float64) > unretrieved_max

@@ -21,6 +21,8 @@ class Selection:
         neg_teacher: (Q, K) int16 index of the providing teacher in the run's teacher list.
         neg_rank: (Q, K) int32 0-based rank of the negative in that teacher's candidate list.
         widened: (Q,) bool, rows re-selected from deeper candidate lists (shortfall step 1).
+        starved: (Q,) bool, rows whose selection ran past the survivors of a candidate list (fewer than K, or a
+            sampling window that is not full): a deeper list could change them, so they are widened.
     """
 
     query_ids: list[str]
@@ -29,10 +31,13 @@ class Selection:
     neg_teacher: np.ndarray
     neg_rank: np.ndarray
     widened: np.ndarray = field(default=None)  # type: ignore[assignment]
+    starved: np.ndarray = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.widened is None:
             self.widened = np.zeros(len(self.query_ids), dtype=bool)
+        if self.starved is None:
+            self.starved = self.short.copy()
         shape = self.neg_idx.shape
         if shape[0] != len(self.query_ids):
             raise ValueError(f"selection rows {shape[0]} != {len(self.query_ids)} query ids")
@@ -63,6 +68,7 @@ class Selection:
             neg_teacher=self.neg_teacher[rows],
             neg_rank=self.neg_rank[rows],
             widened=self.widened[rows],
+            starved=self.starved[rows],
         )
 
     def replace_rows(self, rows: np.ndarray, other: Selection, widened: bool = True) -> Selection:
@@ -71,7 +77,7 @@ class Selection:
         if [self.query_ids[i] for i in rows] != list(other.query_ids):
             raise ValueError("replacement rows do not match the other selection's query ids")
         out = self.subset(np.arange(len(self.query_ids)))
-        for name in ("neg_idx", "neg_scores", "neg_teacher", "neg_rank"):
+        for name in ("neg_idx", "neg_scores", "neg_teacher", "neg_rank", "starved"):
             getattr(out, name)[rows] = getattr(other, name)
         out.widened[rows] = widened
         return out
@@ -89,8 +95,11 @@ class Selection:
         }
 
 
-def from_positions(table: CandidateTable, positions: np.ndarray, teacher_index: int = 0) -> Selection:
-    """A single-teacher selection from (Q, K) column positions into ``table`` (``-1`` pads)."""
+def from_positions(
+    table: CandidateTable, positions: np.ndarray, teacher_index: int = 0, starved: np.ndarray | None = None
+) -> Selection:
+    """A single-teacher selection from (Q, K) column positions into ``table`` (``-1`` pads); ``starved`` defaults
+    to the short rows (right for top-k; samplers pass ``samplers.starved``)."""
     positions = np.asarray(positions, dtype=np.int64)
     real = positions >= 0
     safe = np.where(real, positions, 0)
@@ -102,6 +111,7 @@ def from_positions(table: CandidateTable, positions: np.ndarray, teacher_index: 
         neg_scores=np.where(real, scores, np.nan).astype(np.float32),
         neg_teacher=np.where(real, teacher_index, -1).astype(np.int16),
         neg_rank=np.where(real, positions, -1).astype(np.int32),
+        starved=None if starved is None else np.asarray(starved, dtype=bool),
     )
 
 
@@ -114,4 +124,5 @@ def concat(selections: Sequence[Selection]) -> Selection:
         neg_teacher=np.concatenate([s.neg_teacher for s in selections]),
         neg_rank=np.concatenate([s.neg_rank for s in selections]),
         widened=np.concatenate([s.widened for s in selections]),
+        starved=np.concatenate([s.starved for s in selections]),
     )

@@ -8,15 +8,24 @@ Rank is the column position (0 = most similar). Padding is ``-1`` in index array
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from nvr.utils.atomic import atomic_dir, write_text_atomic
+from nvr.utils.checksum import verify_folder, write_folder_checksums
+
+log = logging.getLogger(__name__)
 
 _ARRAYS = ("cand_idx", "cand_scores", "cand_is_positive", "pos_idx", "pos_scores")
+_FILES = (*(f"{n}.npy" for n in _ARRAYS), "ids.json", "meta.json")
 FORMAT_VERSION = 1
+
+
+class CorruptTableError(ValueError):
+    """A saved table whose files do not match their recorded checksums (or cannot be read)."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,8 @@ class CandidateTable:
         return self.cand_idx >= 0
 
     def save(self, path: str | Path, overwrite: bool = True) -> None:
-        """Write a folder of ``.npy`` arrays (memory-mappable) plus ids and metadata, atomically."""
+        """Write a folder of ``.npy`` arrays (memory-mappable) plus ids and metadata, atomically, with the checksum
+        of every file in ``checksums.json`` (written inside the folder before it is renamed into place)."""
         with atomic_dir(path, overwrite=overwrite) as tmp:
             for name in _ARRAYS:
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(getattr(self, name)), allow_pickle=False)
@@ -77,17 +87,29 @@ class CandidateTable:
             write_text_atomic(tmp / "ids.json", json.dumps(ids, ensure_ascii=False))
             meta = {"format_version": FORMAT_VERSION, "teacher": self.teacher, "depth": self.depth}
             write_text_atomic(tmp / "meta.json", json.dumps(meta, sort_keys=True))
+            write_folder_checksums(tmp, _FILES)
 
     @classmethod
-    def load(cls, path: str | Path, mmap: bool = False) -> CandidateTable:
-        """Read a table written by :meth:`save`; ``mmap=True`` keeps the arrays on disk."""
+    def load(cls, path: str | Path, mmap: bool = False, verify: bool = True) -> CandidateTable:
+        """Read a table written by :meth:`save`; ``mmap=True`` keeps the arrays on disk.
+
+        ``verify`` (default) first checks every file against ``checksums.json`` and raises
+        :class:`CorruptTableError` naming the first file that does not match (a table without checksums too).
+        """
         path = Path(path)
-        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: unsupported candidate-table format {meta.get('format_version')}")
-        ids = json.loads((path / "ids.json").read_text(encoding="utf-8"))
-        arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r" if mmap else None) for n in _ARRAYS}
-        return cls(teacher=meta["teacher"], query_ids=ids["query_ids"], doc_ids=ids["doc_ids"], **arrays)
+        if verify:
+            problem = verify_folder(path, _FILES)
+            if problem is not None:
+                raise CorruptTableError(problem)
+        try:
+            meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"{path}: unsupported candidate-table format {meta.get('format_version')}")
+            ids = json.loads((path / "ids.json").read_text(encoding="utf-8"))
+            arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r" if mmap else None) for n in _ARRAYS}
+            return cls(teacher=meta["teacher"], query_ids=ids["query_ids"], doc_ids=ids["doc_ids"], **arrays)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CorruptTableError(f"{path}: unreadable candidate table ({err})") from err
 
     def subset(self, rows: np.ndarray) -> CandidateTable:
         """The table restricted to the given row indices (e.g. one shard of queries)."""
@@ -101,3 +123,17 @@ class CandidateTable:
             pos_idx=self.pos_idx[rows],
             pos_scores=self.pos_scores[rows],
         )
+
+
+def load_cached_table(path: str | Path, warn: bool = True) -> CandidateTable | None:
+    """A cached table when ``path`` holds one that verifies; None when absent, or (with a one-line warning naming
+    the file, when ``warn``) when it is corrupted, truncated or unverifiable, so the caller recomputes it."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return CandidateTable.load(path)
+    except CorruptTableError as err:
+        if warn:
+            log.warning("cached candidate table %s; recomputing it", err)
+        return None

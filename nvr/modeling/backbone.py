@@ -178,3 +178,24 @@ def is_peft_model(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - peft is a hard dependency
         return False
     return isinstance(model, PeftModel)
+
+
+# position ids start after the padding index in these families (RoBERTa: 514 embeddings -> 512 usable)
+PADDING_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "bart", "mbart"}
+
+
+def position_limit(hf_config) -> int | None:
+    """Longest input (in tokens) the model's absolute position embeddings cover; None when unbounded/unknown.
+
+    Rotary models (Llama, Mistral, Qwen) report ``max_position_embeddings`` too: longer inputs run but degrade,
+    so the same limit applies.
+    """
+    if hf_config is None:
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and value > 0:
+            if getattr(hf_config, "model_type", None) in PADDING_OFFSET_TYPES:
+                value -= int(getattr(hf_config, "pad_token_id", None) or 0) + 1
+            return value
+    return None

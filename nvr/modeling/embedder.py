@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nvr.modeling.backbone import TORCH_DTYPES, is_peft_model, load_backbone, load_tokenizer
+from nvr.modeling.backbone import TORCH_DTYPES, is_peft_model, load_backbone, load_tokenizer, position_limit
 from nvr.modeling.config import EmbedderConfig
 from nvr.modeling.latent_attention import LatentAttentionPooling
 from nvr.modeling.pooling import ClsPooling, LastTokenPooling, MeanPooling
 from nvr.modeling.tokenization import tokenize
 from nvr.utils.atomic import atomic_dir, atomic_file
 from nvr.utils.errors import InputError
+
+log = logging.getLogger(__name__)
 
 META_FILE = "nvr_embedder.json"
 POOLER_FILE = "pooler.safetensors"
@@ -98,9 +101,21 @@ class Embedder(nn.Module):
 
     def tokenize(self, texts: list[str], max_length: int | None = None, prefix: str = "",
                  mask_prefix: bool = False) -> dict[str, Tensor]:
-        """``tokenization.tokenize`` with this embedder's tokenizer, ``add_eos`` and default ``max_length``."""
-        return tokenize(self.tokenizer, texts, max_length or self.config.max_length, prefix=prefix,
-                        mask_prefix=mask_prefix, add_eos=self.config.add_eos)
+        """``tokenization.tokenize`` with this embedder's tokenizer, ``add_eos`` and default ``max_length``
+        (clamped, with one warning, to the model's position limit: longer inputs would crash the embeddings)."""
+        return tokenize(self.tokenizer, texts, self.clamp_max_length(max_length or self.config.max_length),
+                        prefix=prefix, mask_prefix=mask_prefix, add_eos=self.config.add_eos)
+
+    def clamp_max_length(self, max_length: int) -> int:
+        limit = position_limit(getattr(self.backbone, "config", None))
+        if limit is None or max_length <= limit:
+            return max_length
+        warned = self.__dict__.setdefault("_clamp_warned", set())
+        if max_length not in warned:
+            warned.add(max_length)
+            log.warning("max_length %d exceeds the %d positions of %s; clamped to %d", max_length, limit,
+                        self.config.model_name_or_path, limit)
+        return limit
 
     def token_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Last-layer hidden states ``[B, L, H]`` of the backbone."""
@@ -115,10 +130,11 @@ class Embedder(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- identity
     def fingerprint(self) -> str:
-        """sha256 over every weight (name, dtype, shape, bytes) + the settings that change the embedding.
+        """sha256 over every weight (name, dtype, shape, bytes), the tokenizer and the settings that change the
+        embedding.
 
-        Caches of teacher embeddings key on this, so it must change when weights or pooling change and must not
-        depend on where the model was loaded from.
+        Caches of embeddings key on this, so it must change when weights, tokenizer (vocabulary, lower-casing,
+        special tokens...) or pooling change and must not depend on where the model was loaded from.
         """
         digest = hashlib.sha256()
         settings = {
@@ -126,6 +142,7 @@ class Embedder(nn.Module):
             "bidirectional": self.config.bidirectional, "add_eos": self.config.add_eos,
             "quantization": self.config.quantization,
             "model_type": getattr(getattr(self.backbone, "config", None), "model_type", None),
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
         }
         digest.update(json.dumps(settings, sort_keys=True).encode("utf-8"))
         for name, tensor in sorted(self.state_dict().items()):
@@ -166,6 +183,45 @@ def hidden_size_of(backbone: nn.Module) -> int:
         if getattr(config, key, None):
             return int(getattr(config, key))
     raise ValueError(f"cannot find the hidden size in {type(config).__name__}")
+
+
+_TOKENIZER_SETTINGS = (
+    "do_lower_case", "strip_accents", "tokenize_chinese_chars", "do_basic_tokenize", "never_split",
+    "add_prefix_space", "add_bos_token", "add_eos_token", "legacy", "padding_side", "truncation_side",
+    "split_special_tokens",
+)
+"""Tokenizer init settings that change token ids (a fast tokenizer's backend JSON also records most of them)."""
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of what decides a tokenizer's ids: the fast backend's full JSON (normalizer, e.g. lower-casing,
+    pre-tokenizer, vocabulary, post-processor, added tokens) or a slow tokenizer's vocabulary, plus its class,
+    special tokens and the init settings above. Paths are left out, so a copy of the folder gives the same value."""
+    parts: dict[str, Any] = {
+        "class": type(tokenizer).__name__,
+        "special": {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())},
+        "settings": {k: _plain(tokenizer.init_kwargs.get(k)) for k in _TOKENIZER_SETTINGS
+                     if k in getattr(tokenizer, "init_kwargs", {})},
+        "padding_side": getattr(tokenizer, "padding_side", None),
+        "truncation_side": getattr(tokenizer, "truncation_side", None),
+    }
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # its truncation / padding state is set per call, not part of the tokenizer
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        parts["backend"] = hashlib.sha256(json.dumps(state, sort_keys=True).encode("utf-8")).hexdigest()
+    else:
+        vocab = sorted(tokenizer.get_vocab().items())
+        parts["vocab"] = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-able form of a tokenizer setting (AddedToken and other objects as their string)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
 
 
 def tensor_bytes(tensor: Tensor) -> bytes:

@@ -2,9 +2,19 @@
 
 The folder is an ``Embedder.save_pretrained`` folder (so ``Embedder.from_pretrained`` reloads it exactly) plus the
 sentence-transformers module files: ``modules.json``, ``sentence_bert_config.json``, ``1_Pooling/config.json``
-(mean / cls / lasttoken, ``include_prompt`` = not ``mask_prefix``), ``2_Normalize`` and
-``config_sentence_transformers.json`` with the query/document prompts. LoRA is merged so ``AutoModel`` sees plain
-weights; a bidirectional decoder keeps ``is_causal: false`` in its ``config.json``.
+(mean / cls / lasttoken), ``2_Normalize``, ``config_sentence_transformers.json`` with the query/document prompts,
+and a model card (``README.md``). LoRA is merged so ``AutoModel`` sees plain weights; a bidirectional decoder keeps
+``is_causal: false`` in its ``config.json``.
+
+Training's prompt handling is reproduced: the query instruction is masked from mean pooling when training masked
+it, the passage prefix never is. When only one of the two prompts is masked, the pooling sits in a
+sentence-transformers ``Router`` (one Pooling per task, sentence-transformers >= 5); otherwise a single Pooling
+keeps the folder readable by older versions. A training checkpoint supplies the prompts, the masking and the max
+lengths (recorded by BiEncoderModule under ``nvr_encoding``); ST has one ``max_seq_length``, so it gets the passage
+max and both lengths are recorded in ``config_sentence_transformers.json`` (``nvr``) and ``nvr_embedder.json``.
+
+A LoRA checkpoint (``nvr_trainable_only``) holds only the adapters and heads: the base weights are refilled from
+the base model named in its config, then the adapter is loaded and merged.
 
 Not expressible in sentence-transformers (export refuses unless ``sentence_transformers=False``):
 latent-attention pooling (a trained head ST has no module for), ``add_eos`` (ST would not append the EOS), and an
@@ -27,9 +37,15 @@ from nvr.modeling.config import EmbedderConfig, as_embedder_config
 from nvr.modeling.embedder import Embedder
 from nvr.utils.atomic import atomic_dir, atomic_file
 from nvr.utils.errors import ConfigError, InputError
+from nvr.utils.models import resolve_model_path
 
 ST_POOLING = {"mean": "mean", "cls": "cls", "last_token": "lasttoken"}
 CKPT_PREFIX = "embedder."
+PARTIAL_KEY = "nvr_trainable_only"
+"""Checkpoint flag: ``state_dict`` holds only the trainable tensors (frozen LoRA base left out)."""
+ENCODING_KEY = "nvr_encoding"
+"""Checkpoint entry: training's prompts, masking, max lengths, mined set and last metrics (for export)."""
+CARD_FILE = "README.md"
 DCP_META_FILE = "meta.pt"
 """Lightning's non-tensor part of a distributed checkpoint folder (``lightning.fabric.strategies`` name)."""
 
@@ -50,12 +66,8 @@ def load_embedder(source: Embedder | nn.Module | str | Path) -> Embedder:
     raise InputError("no such checkpoint file or embedder folder", path)
 
 
-def embedder_from_checkpoint(path: str | Path) -> Embedder:
-    """Rebuild the Embedder of a Lightning checkpoint: ``hyper_parameters["embedder"]`` + ``embedder.*`` weights.
-
-    The backbone is built unquantized (export merges into full-precision weights); LoRA keys load into the same
-    peft structure the training module created.
-    """
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A single-file or FSDP2 Lightning checkpoint as a dict; unreadable/foreign files are one-line errors."""
     path = Path(path)
     try:
         if is_distributed_checkpoint(path):
@@ -63,18 +75,38 @@ def embedder_from_checkpoint(path: str | Path) -> Embedder:
         else:
             ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises many types for a corrupt or foreign file
-        raise InputError(f"cannot read checkpoint: {err}", path) from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"cannot read checkpoint: {first}", path) from err
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if "embedder" not in hparams or "state_dict" not in ckpt:
         raise InputError("not an nvr training checkpoint (needs hyper_parameters.embedder and state_dict)", path)
-    trained_cfg = as_embedder_config(hparams["embedder"], key=f"{path}:hyper_parameters.embedder")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict[str, Any], path: str | Path) -> EmbedderConfig:
+    return as_embedder_config(ckpt["hyper_parameters"]["embedder"], key=f"{path}:hyper_parameters.embedder")
+
+
+def embedder_from_checkpoint(path: str | Path, ckpt: dict[str, Any] | None = None) -> Embedder:
+    """Rebuild the Embedder of a Lightning checkpoint: ``hyper_parameters["embedder"]`` + ``embedder.*`` weights.
+
+    The backbone is built unquantized from the base model (export merges into full-precision weights); LoRA keys
+    load into the same peft structure the training module created. A trainable-only (LoRA) or quantized checkpoint
+    lacks the frozen base tensors: they come from the base model, and only trained tensors may be missing.
+    """
+    path = Path(path)
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
+    trained_cfg = checkpoint_config(ckpt, path)
     cfg = dataclasses.replace(trained_cfg, quantization=None, gradient_checkpointing=False)
     embedder = Embedder.from_config(cfg)
     state = {k[len(CKPT_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(CKPT_PREFIX)}
+    partial = bool(ckpt.get(PARTIAL_KEY)) or trained_cfg.quantization is not None
     if trained_cfg.quantization is not None:  # packed 4/8-bit base weights: keep only the trained parts
         state = {k: v for k, v in state.items() if _is_trained_key(k)}
+    if partial and not any(_is_trained_key(k) for k in state) and cfg.lora is not None:
+        raise InputError("LoRA checkpoint without adapter weights (lora_*)", path)
     missing, unexpected = embedder.load_state_dict(state, strict=False)
-    if trained_cfg.quantization is not None:
+    if partial:
         missing = [k for k in missing if _is_trained_key(k)]
     if unexpected or missing:
         raise InputError(
@@ -114,26 +146,78 @@ def export_embedder(
     out_dir: str | Path,
     *,
     merge_lora: bool = True,
-    query_prefix: str = "",
-    passage_prefix: str = "",
-    mask_prefix: bool = False,
+    query_prefix: str | None = None,
+    passage_prefix: str | None = None,
+    mask_prefix: bool | None = None,
+    query_max_length: int | None = None,
     max_length: int | None = None,
     sentence_transformers: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    """Write the export folder atomically and return its path. The source embedder is not modified."""
-    embedder = load_embedder(source)
+    """Write the export folder atomically and return its path. The source embedder is not modified.
+
+    ``mask_prefix`` masks the *query* prefix from mean pooling (training's ``mask_instruction``); the passage
+    prefix is never masked, as in training. ``max_length`` is the passage length (ST's ``max_seq_length``).
+    Unset values come from a training checkpoint's record, else: no prompts, no masking, ``embedder.max_length``.
+    """
+    check_output_outside_inputs(out_dir, [source])
+    embedder, record = load_source(source)
     cfg = embedder.config
+    check_output_outside_inputs(out_dir, [cfg.model_name_or_path])
     if sentence_transformers:
         check_st_expressible(cfg, merge_lora)
+    enc = encoding_settings(record, cfg, query_prefix, passage_prefix, mask_prefix, query_max_length, max_length)
     backbone, out_cfg = export_backbone(embedder, merge_lora)
-    max_length = max_length or cfg.max_length
-    prompts = {"query_prefix": query_prefix, "passage_prefix": passage_prefix, "mask_prefix": mask_prefix}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        embedder.write_to(tmp, backbone=backbone, cfg=out_cfg, extra_meta={"prompts": prompts})
+        embedder.write_to(tmp, backbone=backbone, cfg=out_cfg, extra_meta={"prompts": enc, "training": record})
         if sentence_transformers:
-            write_st_files(tmp, out_cfg, embedder.hidden_size, prompts, max_length)
+            write_st_files(tmp, out_cfg, embedder.hidden_size, enc)
+        write_model_card(tmp, cfg, enc, record, sentence_transformers)
     return Path(out_dir)
+
+
+def load_source(source: Embedder | nn.Module | str | Path) -> tuple[Embedder, dict[str, Any]]:
+    """The embedder plus, for a training checkpoint, what training recorded about its inputs (else ``{}``)."""
+    if isinstance(source, (str, Path)):
+        path = Path(str(source))
+        if is_distributed_checkpoint(path) or path.is_file():
+            ckpt = read_checkpoint(path)
+            return embedder_from_checkpoint(path, ckpt), dict(ckpt.get(ENCODING_KEY) or {})
+    return load_embedder(source), {}
+
+
+def encoding_settings(record: dict[str, Any], cfg: EmbedderConfig, query_prefix: str | None,
+                      passage_prefix: str | None, mask_prefix: bool | None, query_max_length: int | None,
+                      max_length: int | None) -> dict[str, Any]:
+    """Explicit arguments win over the checkpoint's record, which wins over the plain defaults."""
+
+    def pick(value: Any, key: str, default: Any) -> Any:
+        return value if value is not None else record.get(key, default)
+
+    passage_max = pick(max_length, "passage_max_length", cfg.max_length)
+    return {
+        "query_prefix": pick(query_prefix, "query_prefix", ""),
+        "passage_prefix": pick(passage_prefix, "passage_prefix", ""),
+        "mask_prefix": bool(pick(mask_prefix, "mask_instruction", False)),
+        "query_max_length": int(pick(query_max_length, "query_max_length", passage_max)),
+        "passage_max_length": int(passage_max),
+    }
+
+
+def check_output_outside_inputs(out_dir: str | Path, inputs: list[Any]) -> None:
+    """Refuse an export folder that equals, contains or lies inside an input (checkpoint, base model folder):
+    ``--overwrite`` replaces the whole folder, which would delete the inputs."""
+    out = Path(out_dir).expanduser().resolve()
+    for item in inputs:
+        if not isinstance(item, (str, Path)):
+            continue
+        path = Path(resolve_model_path(str(item))).expanduser()
+        if not path.exists():
+            continue
+        path = path.resolve()
+        if out == path or out in path.parents or path in out.parents:
+            raise ConfigError("output", f"{out} overlaps the input {path} (it would be replaced or deleted); "
+                                        "export to a folder outside the checkpoint and model folders")
 
 
 def check_st_expressible(cfg: EmbedderConfig, merge_lora: bool) -> None:
@@ -187,27 +271,94 @@ def st_pooling_config(cfg: EmbedderConfig, hidden_size: int, include_prompt: boo
     }
 
 
-def write_st_files(folder: Path, cfg: EmbedderConfig, hidden_size: int, prompts: dict[str, Any],
-                   max_length: int) -> None:
-    modules = [
+def write_st_files(folder: Path, cfg: EmbedderConfig, hidden_size: int, enc: dict[str, Any]) -> None:
+    """modules.json + module configs. Pooling masks the query prompt iff training masked it (mean pooling only:
+    cls/last-token read the attention mask); the passage prefix is never masked. If the two differ, a Router picks
+    the Pooling by task (``encode_query`` / ``encode_document``)."""
+    query_masked = cfg.pooling == "mean" and enc["mask_prefix"] and bool(enc["query_prefix"])
+    passage_has_prompt = bool(enc["passage_prefix"])
+    modules: list[dict[str, Any]] = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
     ]
+    (folder / "1_Pooling").mkdir()
+    if query_masked and passage_has_prompt:
+        modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Router"})
+        write_router(folder / "1_Pooling", cfg, hidden_size)
+    else:
+        modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
+        _write_json(folder / "1_Pooling" / "config.json", st_pooling_config(cfg, hidden_size, not query_masked))
     if cfg.normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
         (folder / "2_Normalize").mkdir()
     _write_json(folder / "modules.json", modules)
-    _write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_length, "do_lower_case": False})
-    (folder / "1_Pooling").mkdir()
-    # prompt masking only affects mean pooling here (cls/last-token read the attention mask, as ST does with it on)
-    has_prompt = bool(prompts["query_prefix"] or prompts["passage_prefix"])
-    include_prompt = not (cfg.pooling == "mean" and prompts["mask_prefix"] and has_prompt)
-    _write_json(folder / "1_Pooling" / "config.json", st_pooling_config(cfg, hidden_size, include_prompt))
-    st_prompts = {"query": prompts["query_prefix"], "document": prompts["passage_prefix"]}
+    _write_json(folder / "sentence_bert_config.json",
+                {"max_seq_length": enc["passage_max_length"], "do_lower_case": False})
     _write_json(folder / "config_sentence_transformers.json", {
-        "prompts": st_prompts, "default_prompt_name": None,
+        "prompts": {"query": enc["query_prefix"], "document": enc["passage_prefix"]}, "default_prompt_name": None,
         "similarity_fn_name": "cosine" if cfg.normalize else "dot",
+        "nvr": {"query_max_length": enc["query_max_length"], "passage_max_length": enc["passage_max_length"],
+                "note": "sentence-transformers has one max_seq_length: the passage length; nvr truncates queries "
+                        "at query_max_length"},
     })
+
+
+def write_router(folder: Path, cfg: EmbedderConfig, hidden_size: int) -> None:
+    """A Router with one Pooling per task: queries without their (masked) prompt, documents with theirs."""
+    pooling = "sentence_transformers.models.Pooling"
+    for route, include_prompt in (("query", False), ("document", True)):
+        sub = folder / f"{route}_0_Pooling"
+        sub.mkdir()
+        _write_json(sub / "config.json", st_pooling_config(cfg, hidden_size, include_prompt))
+    _write_json(folder / "router_config.json", {
+        "types": {"query_0_Pooling": pooling, "document_0_Pooling": pooling},
+        "structure": {"query": ["query_0_Pooling"], "document": ["document_0_Pooling"]},
+        "parameters": {"default_route": "document", "allow_empty_key": True, "route_mappings": {}},
+    })
+
+
+def write_model_card(folder: Path, cfg: EmbedderConfig, enc: dict[str, Any], record: dict[str, Any],
+                     sentence_transformers: bool) -> None:
+    """README.md: base model, encoding, training data (the mined set's manifest) and the last eval metrics."""
+    lines = ["---", "library_name: sentence-transformers" if sentence_transformers else "library_name: nvr",
+             "tags: [sentence-transformers, feature-extraction, nvr]", "---", "",
+             f"# Embedding model fine-tuned from `{cfg.model_name_or_path}` with nvr", "",
+             "## Encoding", "",
+             f"- pooling: {cfg.pooling}, normalize: {cfg.normalize}, bidirectional: {cfg.bidirectional}",
+             f"- query prompt: {json.dumps(enc['query_prefix'])} (masked from pooling: {enc['mask_prefix']})",
+             f"- document prompt: {json.dumps(enc['passage_prefix'])} (not masked)",
+             f"- max length: queries {enc['query_max_length']}, passages {enc['passage_max_length']} tokens "
+             "(sentence-transformers uses the passage length for both)", ""]
+    if sentence_transformers:
+        lines += ["```python", "from sentence_transformers import SentenceTransformer", "",
+                  'model = SentenceTransformer("path/to/this/folder")',
+                  'q = model.encode_query(["..."])', 'd = model.encode_document(["..."])', "```", ""]
+    manifest = _read_manifest(record.get("mined_dir"))
+    if manifest:
+        lines += ["## Training data (hard-negative mining)", ""]
+        for key in ("data", "teachers", "filter", "sampler", "ensemble", "num_negatives", "depth", "counts"):
+            if key in manifest:
+                lines.append(f"- {key}: `{json.dumps(manifest[key], sort_keys=True, default=str)[:400]}`")
+        lines.append("")
+    metrics = record.get("metrics") or {}
+    if metrics:
+        step = record.get("global_step")
+        lines += [f"## Evaluation (last validation{f', step {step}' if step is not None else ''})", "",
+                  "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())]
+        lines.append("")
+    with atomic_file(folder / CARD_FILE) as fh:
+        fh.write("\n".join(lines))
+
+
+def _read_manifest(mined_dir: str | None) -> dict[str, Any] | None:
+    if not mined_dir:
+        return None
+    path = Path(mined_dir) / "manifest.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -2,7 +2,10 @@
 
 ``pool_mask`` is the attention mask with, when ``mask_prefix``, the leading special token (BOS/[CLS]) and the
 prefix tokens zeroed: the instruction still shapes the other tokens through attention but is not averaged
-(NV-Embed / NV-Retriever). This is the same span sentence-transformers excludes with ``include_prompt=False``.
+(NV-Embed / NV-Retriever). The span is measured exactly as sentence-transformers measures a prompt for
+``include_prompt=False`` (the prefix tokenized alone, trailing space included, minus one trailing special token),
+so an exported model gives the same embeddings in ST. On sentencepiece/Metaspace tokenizers a prefix ending in a
+space tokenizes with a lone "▁" piece, so the span also covers the first text token (as in ST and NV-Embed).
 """
 
 from __future__ import annotations
@@ -45,20 +48,12 @@ def tokenize(
 
 
 def prefix_token_ids(tokenizer, prefix: str) -> list[int]:
-    """Ids that a ``prefix + text`` encoding starts with: leading specials + prefix tokens, trailing specials cut.
-
-    Trailing whitespace is stripped before tokenizing because whitespace-aware tokenizers (sentencepiece, BPE)
-    attach the separating space to the first text token.
-    """
-    ids = list(tokenizer(prefix.rstrip(), add_special_tokens=True)["input_ids"])
-    special = set(tokenizer.all_special_ids)
-    lead = 0
-    while lead < len(ids) and ids[lead] in special:
-        lead += 1
-    end = len(ids)
-    while end > lead and ids[end - 1] in special:
-        end -= 1
-    return ids[:end]
+    """The prompt as sentence-transformers measures it: ``prefix`` tokenized alone with special tokens, minus one
+    trailing special token (``[SEP]``/EOS). Its length is the masked span of every ``prefix + text`` row."""
+    ids = list(tokenizer(prefix, add_special_tokens=True)["input_ids"])
+    if ids and ids[-1] in set(tokenizer.all_special_ids):
+        ids = ids[:-1]
+    return ids
 
 
 def _pad_right(encoded: list[list[int]], pad_id: int, prefix_ids: list[int]) -> dict[str, Tensor]:
@@ -69,18 +64,8 @@ def _pad_right(encoded: list[list[int]], pad_id: int, prefix_ids: list[int]) -> 
     for row, ids in enumerate(encoded):
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
-        pool_mask[row, _common_prefix_len(ids, prefix_ids) : len(ids)] = 1
+        pool_mask[row, min(len(prefix_ids), len(ids)) : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pool_mask": pool_mask}
-
-
-def _common_prefix_len(ids: list[int], prefix_ids: list[int]) -> int:
-    """How many leading ids equal the prefix encoding (robust to a tokenizer merging across the boundary)."""
-    n = 0
-    for a, b in zip(ids, prefix_ids):
-        if a != b:
-            break
-        n += 1
-    return n
 
 
 def _pad_id(tokenizer) -> int:

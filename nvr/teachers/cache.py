@@ -1,10 +1,16 @@
-"""Resumable, fingerprinted embedding cache shared by all mining processes.
+"""Resumable, fingerprinted, checksummed embedding cache shared by all mining processes.
 
 Layout: ``root/<key>/manifest.json``, ``shard-00000.npy`` ... while encoding, then one ``embeddings.npy`` once
-complete (shards are removed after assembly). Every file is written atomically, so a killed run resumes from its
-finished shards; the temp files a killed single-process run leaves behind are deleted when a run resumes. Under
-torchrun each rank encodes shards ``i % world_size == rank``; rank 0 assembles and the other ranks wait for the
-assembled file, so the result is the same array for any world size.
+complete (shards are removed after assembly). Every ``.npy`` is written atomically with a checksum sidecar
+(``<file>.sum``, see ``nvr.utils.checksum``) and verified before it is used: a shard or assembled file that is
+truncated, overwritten with garbage or has no checksum is recomputed with a one-line warning naming it, never used.
+A killed run resumes from its finished shards; the temp files a killed single-process run leaves behind are deleted
+when a run resumes. Under torchrun each rank encodes shards ``i % world_size == rank``; rank 0 assembles and the
+other ranks wait for the (verified) assembled file, so the result is the same array for any world size.
+
+Writers take an exclusive lock per shard and on the assembled file (``nvr.utils.locking``, waiting for it), so two
+processes never write the same file and the second one finds the first one's result. Ranks encode different shards,
+so they never wait on each other's locks.
 
 The folder depends on the settings key and the texts only, not on the shard size: the shard size a run started
 with is recorded in ``manifest.json`` and a resumed run keeps it (so its finished shards stay valid), and a
@@ -22,8 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-from nvr.utils.atomic import atomic_file, write_text_atomic
+from nvr.utils.atomic import write_text_atomic
+from nvr.utils.checksum import (
+    checksummed_file,
+    digest_file,
+    remove_with_sidecar,
+    sidecar,
+    verify_sidecar,
+    write_sidecar,
+)
 from nvr.utils.hashing import sha256_json, sha256_texts
+from nvr.utils.locking import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +91,9 @@ class EmbeddingCache:
     ) -> np.ndarray:
         """``[N, H]`` float32 embeddings of ``texts`` (a read-only memmap), encoding only the missing shards.
 
-        ``encode_fn(list_of_texts) -> [n, H]`` is called once per missing shard owned by this rank. An empty
-        ``texts`` gives a ``(0, 0)`` array without calling ``encode_fn``. ``shard_size`` applies to a new folder;
-        an interrupted one resumes with the shard size recorded in its manifest.
+        ``encode_fn(list_of_texts) -> [n, H]`` is called once per missing (or corrupted) shard owned by this rank.
+        An empty ``texts`` gives a ``(0, 0)`` array without calling ``encode_fn``. ``shard_size`` applies to a new
+        folder; an interrupted one resumes with the shard size recorded in its manifest.
         """
         if shard_size <= 0:
             raise ValueError(f"shard_size must be > 0, got {shard_size}")
@@ -88,18 +103,30 @@ class EmbeddingCache:
             return np.zeros((0, 0), dtype=np.float32)
         folder = self.folder(key, texts)
         final = folder / _FINAL
-        if not final.exists():
-            if world_size == 1:
-                _remove_stale_temp_files(folder)
-            shard_size = self._write_manifest(folder, key, texts, shard_size)
-            n_shards = -(-len(texts) // shard_size)
-            for i in range(rank, n_shards, world_size):
+        loaded = _load_verified(final, len(texts), warn=True)
+        if loaded is not None:
+            return loaded
+        if rank == 0 and final.exists():
+            self._discard_final(final, len(texts))
+        if world_size == 1:
+            _remove_stale_temp_files(folder)
+        shard_size = self._write_manifest(folder, key, texts, shard_size)
+        n_shards = -(-len(texts) // shard_size)
+        seen = _stat_pair(final)
+        for i in range(rank, n_shards, world_size):
+            if _stat_pair(final) != seen and final.exists():
+                break  # another process assembled the file meanwhile: verify that instead of re-encoding
+            self._ensure_shard(folder, i, texts[i * shard_size : (i + 1) * shard_size], encode_fn)
+        if rank != 0:
+            return self._wait_for_final(final, len(texts), rank)
+        with exclusive_lock(final, wait=True, what="embedding cache file"):
+            loaded = _load_verified(final, len(texts), warn=False)  # another process may have assembled it
+            if loaded is not None:
+                return loaded
+            self._wait_for(folder, [_shard_name(i) for i in range(n_shards)], rank)
+            for i in range(n_shards):  # re-encode any shard that does not verify (e.g. corrupted on disk)
                 self._ensure_shard(folder, i, texts[i * shard_size : (i + 1) * shard_size], encode_fn)
-            if rank == 0:
-                self._wait_for(folder, [_shard_name(i) for i in range(n_shards)], rank)
-                self._assemble(folder, n_shards, len(texts))
-            else:
-                self._wait_for(folder, [_FINAL], rank)
+            self._assemble(folder, n_shards, len(texts))
         return np.load(final, mmap_mode="r")
 
     # ------------------------------------------------------------------------------------------------ internals
@@ -120,15 +147,25 @@ class EmbeddingCache:
         write_text_atomic(path, json.dumps(manifest, indent=2, sort_keys=True))
         return _recorded_shard_size(path) or shard_size  # another rank's identical manifest may have won the race
 
+    def _discard_final(self, final: Path, n_texts: int) -> None:
+        """Remove an assembled file that failed verification (under its lock: a live writer may be replacing it)."""
+        with exclusive_lock(final, wait=True, what="embedding cache file"):
+            if final.exists() and _load_verified(final, n_texts, warn=False) is None:
+                remove_with_sidecar(final)
+
     def _ensure_shard(self, folder: Path, i: int, texts: Sequence[str], encode_fn: EncodeFn) -> None:
+        """Encode and write shard ``i`` unless a verified copy exists (checked again under the shard's lock)."""
         path = folder / _shard_name(i)
-        if _rows_in(path) == len(texts):
+        if _shard_ok(path, len(texts), warn=True):
             return
-        emb = np.asarray(encode_fn(list(texts)), dtype=np.float32)
-        if emb.ndim != 2 or emb.shape[0] != len(texts):
-            raise ValueError(f"encode_fn returned shape {emb.shape} for {len(texts)} texts (shard {i})")
-        with atomic_file(path, "wb") as fh:
-            np.save(fh, emb, allow_pickle=False)
+        with exclusive_lock(path, wait=True, what="embedding cache shard"):
+            if _shard_ok(path, len(texts), warn=False):
+                return  # written by another process while we waited
+            emb = np.asarray(encode_fn(list(texts)), dtype=np.float32)
+            if emb.ndim != 2 or emb.shape[0] != len(texts):
+                raise ValueError(f"encode_fn returned shape {emb.shape} for {len(texts)} texts (shard {i})")
+            with checksummed_file(path) as fh:
+                np.save(fh, emb, allow_pickle=False)
 
     def _wait_for(self, folder: Path, names: list[str], rank: int) -> None:
         """Poll until every file exists; the timeout restarts whenever one more file appears."""
@@ -147,8 +184,21 @@ class EmbeddingCache:
                 deadline = time.monotonic() + self.wait_timeout_s
             missing = still
 
+    def _wait_for_final(self, final: Path, n_texts: int, rank: int) -> np.ndarray:
+        """Wait until rank 0 has assembled a file that verifies (re-checked whenever its checksum changes)."""
+        checked: tuple | None = None
+        while True:
+            self._wait_for(final.parent, [final.name], rank)
+            state = _stat_pair(final)
+            if state != checked:
+                checked = state
+                loaded = _load_verified(final, n_texts, warn=False)
+                if loaded is not None:
+                    return loaded
+            time.sleep(self.poll_s)
+
     def _assemble(self, folder: Path, n_shards: int, n_texts: int) -> None:
-        """Copy the shards into one ``.npy`` (shard by shard, bounded memory), then drop the shards."""
+        """Copy the shards into one ``.npy`` (shard by shard, bounded memory) with its checksum, then drop them."""
         shards = [np.load(folder / _shard_name(i), mmap_mode="r") for i in range(n_shards)]
         dims = {s.shape[1] for s in shards}
         if len(dims) != 1 or sum(s.shape[0] for s in shards) != n_texts:
@@ -160,14 +210,52 @@ class EmbeddingCache:
             out[row : row + s.shape[0]] = s
             row += s.shape[0]
         out.flush()
-        del out
+        del out, shards
+        write_sidecar(folder / _FINAL, digest_file(tmp))  # sidecar first: the file never appears unverifiable
         os.replace(tmp, folder / _FINAL)
         for i in range(n_shards):
-            (folder / _shard_name(i)).unlink(missing_ok=True)
+            remove_with_sidecar(folder / _shard_name(i))
 
 
 def _shard_name(i: int) -> str:
     return f"shard-{i:05d}.npy"
+
+
+def _stat_pair(final: Path) -> tuple:
+    """Identity of a file and its sidecar (to re-verify only when one of them changed)."""
+    out = []
+    for p in (final, sidecar(final)):
+        try:
+            st = p.stat()
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        except FileNotFoundError:
+            out.append(None)
+    return tuple(out)
+
+
+def _load_verified(path: Path, n_rows: int, warn: bool) -> np.ndarray | None:
+    """The ``[n_rows, H]`` float32 array at ``path`` as a read-only memmap when it matches its checksum, else None
+    (with a warning naming the file when it exists but is corrupted or unverifiable)."""
+    if not path.exists():
+        return None
+    problem = verify_sidecar(path)
+    arr = None
+    if problem is None:
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as err:
+            problem = f"unreadable ({err})"
+    if arr is not None and (arr.ndim != 2 or arr.shape[0] != n_rows or arr.dtype != np.float32):
+        problem, arr = f"shape {arr.shape} {arr.dtype}, expected ({n_rows}, H) float32", None
+    if problem is not None:
+        if warn:
+            log.warning("%s: %s; recomputing it", path, problem)
+        return None
+    return arr
+
+
+def _shard_ok(path: Path, n_rows: int, warn: bool) -> bool:
+    return _load_verified(path, n_rows, warn) is not None
 
 
 def _recorded_shard_size(manifest: Path) -> int | None:
@@ -192,11 +280,3 @@ def _remove_stale_temp_files(folder: Path) -> None:
                 log.info("removed %s, left by an interrupted run", tmp)
         except FileNotFoundError:
             continue
-
-
-def _rows_in(path: Path) -> int:
-    """Rows of a finished shard, or -1 when it is missing or unreadable (then it is encoded again)."""
-    try:
-        return int(np.load(path, mmap_mode="r").shape[0])
-    except (FileNotFoundError, ValueError, OSError):
-        return -1

@@ -3,12 +3,18 @@
 All (query, doc) pairs of the table are scored in length-sorted batches that mix queries, so short queries do not
 each pay for a half-empty batch; a pair that is both a candidate and a positive is scored once, so the positive's
 score and its candidate score are identical. Rows are then re-sorted by the new scores (ties: doc id order).
+
+With a ``cache_dir`` the rescored table is cached (checksummed, like candidate tables) under
+``cache_dir/ce_scores/<key>``, where the key covers the cross-encoder (content of its model folder: weights,
+config, tokenizer), ``max_length``, ``dtype``, the activation, and the pairs scored (query texts, the corpus
+content, the candidate and positive rows of the input table and its flags).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -18,24 +24,67 @@ from nvr.mining.config import CrossEncoderConfig
 from nvr.mining.search import doc_id_order
 from nvr.mining.table import CandidateTable
 from nvr.teachers.dense import pick_device
+from nvr.utils.fingerprint import memo_dir_for, model_fingerprint
+from nvr.utils.hashing import sha256_json, sha256_texts
 from nvr.utils.models import resolve_model_path
 
 log = logging.getLogger(__name__)
 
 Activation = Literal["sigmoid", "identity"]
 _PAIRS_PER_CHUNK = 65536  # bounds the Python pair lists; batches inside a chunk mix many queries
+SCORES_VERSION = 1
+"""Bumped when the scoring procedure changes (part of the score cache key)."""
 
 
 class CrossEncoderRescorer:
     """``AutoModelForSequenceClassification`` scorer: one logit per pair, sigmoid by default (scores in (0, 1)
     like sentence-transformers' ``CrossEncoder.predict``, so percentage margins stay meaningful)."""
 
-    def __init__(self, cfg: CrossEncoderConfig, activation: Activation = "sigmoid") -> None:
+    def __init__(
+        self, cfg: CrossEncoderConfig, activation: Activation = "sigmoid", cache_dir: str | Path | None = None
+    ) -> None:
         self.cfg = cfg
         self.activation = activation
-        self.device = pick_device(cfg.device)
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self._device: str | None = None
         self._model = None
         self._tokenizer = None
+        self._fingerprint: str | None = None
+
+    @property
+    def device(self) -> str:
+        """Resolved on first use ('auto' imports torch, which a run served from the cache never needs)."""
+        if self._device is None:
+            self._device = pick_device(self.cfg.device)
+        return self._device
+
+    @property
+    def fingerprint(self) -> str:
+        """Cross-encoder identity (content of its model folder: weights, config, tokenizer; memoized by file
+        identity under ``cache_dir/fingerprints``) + every setting that changes a score. No model load when local."""
+        if self._fingerprint is None:
+            model = model_fingerprint(self.cfg.model_name_or_path, memo_dir_for(self.cache_dir))
+            if model is None:  # not on this machine yet: loading downloads it
+                self._load()
+                model = model_fingerprint(self.cfg.model_name_or_path, memo_dir_for(self.cache_dir))
+                model = model or f"loaded:{self._loaded_fingerprint()}"
+            self._fingerprint = sha256_json({
+                "version": SCORES_VERSION, "model": model, "max_length": self.cfg.max_length,
+                "dtype": self.cfg.dtype, "activation": self.activation,
+            })
+        return self._fingerprint
+
+    def _loaded_fingerprint(self) -> str:
+        """Weights + tokenizer of the loaded model (only for a model that has no local folder)."""
+        import hashlib
+
+        from nvr.modeling.embedder import tensor_bytes, tokenizer_fingerprint
+
+        digest = hashlib.sha256(tokenizer_fingerprint(self._tokenizer).encode("utf-8"))
+        for name, tensor in sorted(self._model.state_dict().items()):
+            digest.update(name.encode("utf-8"))
+            digest.update(tensor_bytes(tensor))
+        return digest.hexdigest()
 
     def _load(self) -> None:
         import torch
@@ -79,11 +128,29 @@ class CrossEncoderRescorer:
         return torch.sigmoid(logits[:, 0]) if self.activation == "sigmoid" else logits[:, 0]
 
     def rescore(self, table: CandidateTable, query_texts: Sequence[str], corpus: Corpus) -> CandidateTable:
-        """A new table scored by the cross-encoder: teacher ``"<name>+ce"``, rows re-sorted best first."""
+        """A new table scored by the cross-encoder: teacher ``"<name>+ce"``, rows re-sorted best first (read from
+        the score cache when ``cache_dir`` holds a verified copy for exactly these inputs)."""
         if len(query_texts) != table.num_queries:
             raise ValueError(f"{len(query_texts)} query texts for a table of {table.num_queries} queries")
         if len(corpus) != len(table.doc_ids):
             raise ValueError(f"corpus has {len(corpus)} docs but the table indexes {len(table.doc_ids)}")
+        if self.cache_dir is None:
+            return self._rescore(table, query_texts, corpus)
+        from nvr.mining.build import cached_or_built
+
+        path = self.cache_dir / "ce_scores" / self.scores_key(table, query_texts, corpus)
+        what = f"cross-encoder scores of {table.teacher}"
+        return cached_or_built(path, lambda: self._rescore(table, query_texts, corpus), what)
+
+    def scores_key(self, table: CandidateTable, query_texts: Sequence[str], corpus: Corpus) -> str:
+        """Cache key of a rescored table: the cross-encoder fingerprint + every input of :meth:`rescore`."""
+        arrays = {name: _array_digest(getattr(table, name)) for name in ("cand_idx", "cand_is_positive", "pos_idx")}
+        return sha256_json({
+            "cross_encoder": self.fingerprint, "teacher": table.teacher, "query_ids": sha256_texts(table.query_ids),
+            "queries": sha256_texts(query_texts), "corpus": corpus.fingerprint, **arrays,
+        })[:40]
+
+    def _rescore(self, table: CandidateTable, query_texts: Sequence[str], corpus: Corpus) -> CandidateTable:
         cand_idx = np.asarray(table.cand_idx)
         pos_idx = np.asarray(table.pos_idx)
         pair_rows, pair_docs, inverse = _unique_pairs(cand_idx, pos_idx)
@@ -124,6 +191,16 @@ def _unique_pairs(cand_idx: np.ndarray, pos_idx: np.ndarray) -> tuple[np.ndarray
     inverse = np.full(docs.shape, -1, dtype=np.int64)
     inverse[valid] = inv
     return uniq // n_docs, uniq % n_docs, inverse
+
+
+def _array_digest(arr: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and bytes."""
+    import hashlib
+
+    a = np.ascontiguousarray(arr)
+    digest = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    digest.update(a.reshape(-1).view(np.uint8) if a.size else b"")
+    return digest.hexdigest()
 
 
 def _scatter(pair_scores: np.ndarray, inverse: np.ndarray, like: np.ndarray) -> np.ndarray:

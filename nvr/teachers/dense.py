@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +12,31 @@ from nvr.data.beir import Corpus
 from nvr.mining.config import TeacherConfig
 from nvr.mining.search import exact_topk, score_pairs
 from nvr.teachers.cache import EmbeddingCache, dist_rank_world, embedding_key
-from nvr.utils.atomic import write_text_atomic
+from nvr.utils.errors import config_key_scope
+from nvr.utils.fingerprint import model_fingerprint
 from nvr.utils.hashing import sha256_json
 from nvr.utils.models import check_model_source, resolve_model_path
 
 log = logging.getLogger(__name__)
-# TeacherConfig fields that change the embeddings (the memoized fingerprint is keyed by them).
 _FINGERPRINT_SETTINGS = ("pooling", "normalize", "dtype", "add_eos", "bidirectional", "trust_remote_code")
+"""TeacherConfig fields that change every embedding of a teacher (prefixes and max lengths are per embedding key)."""
+FINGERPRINT_VERSION = 2
+"""2: the model identity is the content of its folder's files (tokenizer included), not the loaded weights."""
+
+
+def teacher_model_fingerprint(cfg: TeacherConfig, memo_dir: str | Path | None, load: Callable[[], object]) -> str:
+    """The model part of a dense teacher's keys, without loading the model when it is on this machine.
+
+    ``load()`` returns the loaded Embedder; it is called only for a model that is not local yet (a hub id not in the
+    HF cache): loading downloads it, then the folder is fingerprinted as usual (or, failing that, the loaded
+    weights and tokenizer via ``Embedder.fingerprint``).
+    """
+    model = model_fingerprint(cfg.model_name_or_path, memo_dir)
+    if model is None:
+        embedder = load()
+        model = model_fingerprint(cfg.model_name_or_path, memo_dir) or f"loaded:{embedder.fingerprint()}"
+    settings = {k: getattr(cfg, k) for k in _FINGERPRINT_SETTINGS}
+    return sha256_json({"version": FINGERPRINT_VERSION, "model": model, **settings})
 
 
 def pick_device(device: str) -> str:
@@ -79,62 +97,59 @@ class DenseTeacher:
         from nvr.modeling.embedder import META_FILE, Embedder
 
         path = resolve_model_path(self.cfg.model_name_or_path)
-        if (Path(path) / META_FILE).exists():
-            embedder = Embedder.from_pretrained(path, dtype=self.cfg.dtype, normalize=self.cfg.normalize)
-        else:
-            emb_cfg = EmbedderConfig(
-                model_name_or_path=self.cfg.model_name_or_path, pooling=self.cfg.pooling,
-                normalize=self.cfg.normalize, bidirectional=self.cfg.bidirectional, dtype=self.cfg.dtype,
-                max_length=max(self.cfg.query_max_length, self.cfg.passage_max_length), add_eos=self.cfg.add_eos,
-                trust_remote_code=self.cfg.trust_remote_code,
-            )
-            embedder = Embedder.from_config(emb_cfg)
+        with config_key_scope("embedder", f"teachers[{self.name}]"):  # name the key the user wrote
+            if (Path(path) / META_FILE).exists():
+                embedder = Embedder.from_pretrained(path, dtype=self.cfg.dtype, normalize=self.cfg.normalize)
+            else:
+                emb_cfg = EmbedderConfig(
+                    model_name_or_path=self.cfg.model_name_or_path, pooling=self.cfg.pooling,
+                    normalize=self.cfg.normalize, bidirectional=self.cfg.bidirectional, dtype=self.cfg.dtype,
+                    max_length=max(self.cfg.query_max_length, self.cfg.passage_max_length),
+                    add_eos=self.cfg.add_eos, trust_remote_code=self.cfg.trust_remote_code,
+                )
+                embedder = Embedder.from_config(emb_cfg)
         log.info("teacher %s: loaded %s on %s (%s)", self.name, path, self.device, self.cfg.dtype)
         return embedder.to(self.device).eval()
 
     @property
     def fingerprint(self) -> str:
-        """Model weights + pooling/dtype/normalization/EOS/attention direction (``Embedder.fingerprint``).
+        """Model identity + the settings that change an embedding (pooling, normalize, dtype, EOS, attention
+        direction, remote code): the model part of every embedding key of this teacher.
 
-        ``trust_remote_code`` (other model classes) is mixed in only when set, so existing caches stay valid. The
-        weight hash is memoized under ``cache_dir/fingerprints`` keyed by the folder's file names, sizes and
-        mtimes, so a re-run over cached embeddings and tables never loads (or hashes) a large model again.
+        The identity is the content of every file of the model folder (weights, config, tokenizer files, and the
+        base model of an nvr adapter folder; ``nvr.utils.fingerprint.model_fingerprint``), with file hashes memoized
+        under ``cache_dir/fingerprints`` by (path, size, mtime, inode, ctime): a re-run never loads or re-hashes the
+        model, and weights replaced in place with the same size and mtime are noticed. A model that is neither a
+        local folder nor in the HF cache is loaded (downloaded) first.
         """
         if self._fingerprint is None:
-            memo = self._memo_path()
-            if memo is not None and memo.exists():
-                self._fingerprint = memo.read_text(encoding="utf-8").strip()
-            else:
-                self._fingerprint = self._embedder_fingerprint()
-                if memo is not None:
-                    write_text_atomic(memo, self._fingerprint)
+            self._fingerprint = teacher_model_fingerprint(self.cfg, self.fingerprint_dir, lambda: self.embedder)
         return self._fingerprint
 
-    def _memo_path(self) -> Path | None:
-        folder = Path(resolve_model_path(self.cfg.model_name_or_path))
-        if not folder.is_dir():
-            return None
-        files = sorted(p for p in folder.rglob("*") if p.is_file())
-        stats = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-        settings = {k: getattr(self.cfg, k) for k in _FINGERPRINT_SETTINGS}
-        return self.fingerprint_dir / sha256_json({"folder": str(folder.resolve()), "files": stats, **settings})
+    @property
+    def settings_fingerprint(self) -> str:
+        """Key of everything that changes this teacher's rankings: the model + settings and both embedding keys
+        (query / passage prefix and max length). The candidate-table cache and the manifest use it."""
+        return sha256_json({"teacher": "dense", "queries": self._embedding_key(*self._query_settings()),
+                            "passages": self._embedding_key(*self._passage_settings())})
 
-    def _embedder_fingerprint(self) -> str:
-        weights = self.embedder.fingerprint()
-        if not self.cfg.trust_remote_code:
-            return weights
-        return sha256_json({"embedder": weights, "trust_remote_code": True})
+    def _query_settings(self) -> tuple[str, int]:
+        return self.cfg.query_prefix, self.cfg.query_max_length
 
-    settings_fingerprint = fingerprint
+    def _passage_settings(self) -> tuple[str, int]:
+        return self.cfg.passage_prefix, self.cfg.passage_max_length
+
+    def _embedding_key(self, prefix: str, max_length: int) -> str:
+        return embedding_key(self.fingerprint, self.cfg.pooling, prefix, max_length, self.cfg.dtype)
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
-        return self._encode(texts, self.cfg.query_prefix, self.cfg.query_max_length, "queries")
+        return self._encode(texts, *self._query_settings(), "queries")
 
     def encode_passages(self, texts: Sequence[str]) -> np.ndarray:
-        return self._encode(texts, self.cfg.passage_prefix, self.cfg.passage_max_length, "passages")
+        return self._encode(texts, *self._passage_settings(), "passages")
 
     def _encode(self, texts: Sequence[str], prefix: str, max_length: int, what: str) -> np.ndarray:
-        key = embedding_key(self.fingerprint, self.cfg.pooling, prefix, max_length, self.cfg.dtype)
+        key = self._embedding_key(prefix, max_length)
 
         def encode(chunk: list[str]) -> np.ndarray:
             from nvr.modeling.encode import encode_texts  # imports torch: only when a shard is missing

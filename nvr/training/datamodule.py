@@ -1,13 +1,19 @@
 """MinedDataModule: mined (query, positives, hard negatives) for training, BEIR sets for validation.
 
 ``prepare_data`` (once per node, before any process group work) mines when the mined set for this exact
-MineConfig is missing and reuses it otherwise, so a resumed or repeated run never re-mines. ``setup`` loads it on
-every rank. Training batches come from :class:`~nvr.training.sampler.NoDuplicatePositiveBatchSampler` through a
+MineConfig *and these inputs* is missing and reuses it otherwise, so a resumed or repeated run never re-mines while
+an edited corpus / queries / qrels / pairs file or a retrained teacher (the self-mining loop) gets a fresh mined set:
+the cache folder is named by ``nvr.mining.pipeline.mining_fingerprint`` (config + input file contents + teacher and
+cross-encoder identities). Before training, ``mined.jsonl`` is verified against the sha256 and row count in its
+``manifest.json``: a cache-owned set that fails is re-mined (with a warning), a user-given ``mined_dir`` is refused
+with a one-line error. ``setup`` loads it on every rank. Training batches come from
+:class:`~nvr.training.sampler.NoDuplicatePositiveBatchSampler` through a
 :class:`~nvr.training.sampler.ResumableDataLoader`, which Lightning checkpoints and restores mid-epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -17,19 +23,22 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from nvr.evaluation.data import EvalSet, EvalSetConfig, build_eval_dataloaders, load_eval_sets
+from nvr.mining.build import entry_lock_path
 from nvr.mining.config import MineConfig
-from nvr.mining.mined_set import MinedExample, load_mined, mined_file
+from nvr.mining.mined_set import MinedExample, load_mined, mined_file, mined_problem, verify_mined
 from nvr.modeling.backbone import load_tokenizer
 from nvr.modeling.config import EmbedderConfig
 from nvr.training.collate import MinedTrainDataset, TrainCollator
 from nvr.training.sampler import EpochSampler, NoDuplicatePositiveBatchSampler, ResumableDataLoader, SamplerProgress
 from nvr.utils.errors import ConfigError, InputError
+from nvr.utils.locking import exclusive_lock
 
 log = logging.getLogger(__name__)
 
 
 def mining_fingerprint(cfg: MineConfig) -> str:
-    """Cache key of a mining job (the pipeline's content fingerprint: output locations excluded)."""
+    """Cache key of a mined set: the pipeline's content address (config without output locations, input file
+    contents, teacher and cross-encoder fingerprints)."""
     from nvr.mining.pipeline import mining_fingerprint as content_fingerprint
 
     return content_fingerprint(cfg)
@@ -96,14 +105,21 @@ class MinedDataModule(pl.LightningDataModule):
         self.train_dataset: MinedTrainDataset | None = None
         self.progress = SamplerProgress()
         self._tokenizer = None
+        self._mined_key: str | None = None
+        self._verified: Path | None = None
 
     # ------------------------------------------------------------------------------------------------- paths
     @property
     def mined_path(self) -> Path:
+        """``mined_dir``, else the cache folder named by the mining content address (computed once per instance)."""
         if self.mined_dir is not None:
             return Path(self.mined_dir).expanduser()
         assert self.mining is not None
-        return Path(self.mining.cache_dir) / "mined" / mining_fingerprint(self.mining)[:16]
+        if self._mined_key is None:
+            with contextlib.suppress(OSError):  # the cache holds the file-hash memo: a cold run hashes inputs once
+                Path(self.mining.cache_dir).expanduser().mkdir(parents=True, exist_ok=True)
+            self._mined_key = mining_fingerprint(self.mining)[:16]
+        return Path(self.mining.cache_dir) / "mined" / self._mined_key
 
     @property
     def query_prefix(self) -> str:
@@ -119,20 +135,45 @@ class MinedDataModule(pl.LightningDataModule):
 
     # --------------------------------------------------------------------------------------------- lifecycle
     def prepare_data(self) -> None:
-        """Mine once: reuse an existing mined set, else run the mining job into ``mined_path``."""
+        """Mine once: reuse an existing (verified) mined set, else run the mining job into ``mined_path``."""
         path = self.mined_path
-        if mined_file(path).is_file():
-            log.info("reusing mined set %s", path)
+        if self.mined_dir is not None:  # the user's folder: verify, never overwrite
+            if mined_file(path).is_file():
+                verify_mined(path)
+                self._verified = path
+                log.info("reusing mined set %s", path)
+                return
+            if self.mining is None:
+                raise InputError("no mined set here and no data.mining config to create it", mined_file(path))
+            self._mine(path, overwrite=False)
             return
-        if self.mining is None:
-            raise InputError("no mined set here and no data.mining config to create it", mined_file(path))
+        # a cache entry: one process mines it while others wait for it (not mine()'s own lock on the output folder)
+        with exclusive_lock(entry_lock_path(path), wait=True, what="mined-set cache entry"):
+            overwrite = False
+            if mined_file(path).is_file():
+                problem = mined_problem(path)
+                if problem is None:
+                    self._verified = path
+                    log.info("reusing mined set %s", path)
+                    return
+                log.warning("%s: %s; re-mining it", mined_file(path), problem)
+                overwrite = True
+            elif path.exists():
+                overwrite = True  # a folder without mined.jsonl (e.g. an older partial layout): replace it
+            self._mine(path, overwrite=overwrite)
+
+    def _mine(self, path: Path, overwrite: bool) -> None:
         from nvr.mining.pipeline import mine
 
-        log.info("mining into %s (no mined set for this config yet)", path)
-        mine(dataclasses.replace(self.mining, output_dir=str(path)))
+        assert self.mining is not None
+        log.info("mining into %s (no mined set for this config and these inputs yet)", path)
+        mine(dataclasses.replace(self.mining, output_dir=str(path), overwrite=overwrite))
+        self._verified = path
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_dataset is None:
+            if self._verified != self.mined_path:  # ranks that did not run prepare_data check it themselves
+                verify_mined(self.mined_path)
             examples = load_mined(self.mined_path)
             if not examples:
                 raise InputError("the mined set has no examples", mined_file(self.mined_path))

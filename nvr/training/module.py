@@ -8,7 +8,10 @@ Checkpoints and warm starts:
 * With LoRA (base frozen) ``on_save_checkpoint`` keeps only the trainable tensors (adapters, latent-attention
   head, ``modules_to_save``) and marks the checkpoint; ``on_load_checkpoint`` refills the frozen base weights from
   the freshly loaded base model, so strict loading and full resume still work while the file stays small.
-  Sharded (FSDP2) checkpoints are written by the strategy and keep every tensor.
+  Sharded (FSDP2) checkpoints are written by the strategy and keep every tensor. ``nvr export`` refills the base
+  the same way. Every checkpoint also records training's prompts, masking, max lengths, mined set and last
+  metrics (``nvr_encoding``) so the export reproduces the embeddings and writes a model card.
+* Trainable parameters are kept in float32 (master weights) even when the backbone is bf16/fp16.
 * Dropout randomness is reseeded every step from ``(seed, global_step, rank)``, so a resumed run replays exactly
   what the uninterrupted run would have done without storing RNG states.
 """
@@ -27,6 +30,7 @@ from torch import Tensor, nn
 
 from nvr.modeling.config import EmbedderConfig, as_embedder_config
 from nvr.modeling.embedder import Embedder
+from nvr.modeling.export import ENCODING_KEY, PARTIAL_KEY  # checkpoint format, shared with nvr export
 from nvr.training.loss import PAD_ID, info_nce
 from nvr.utils.errors import ConfigError, InputError
 from nvr.utils.seeding import derive_seed
@@ -34,8 +38,6 @@ from nvr.utils.seeding import derive_seed
 log = logging.getLogger(__name__)
 
 Schedule = Literal["linear", "cosine", "constant"]
-PARTIAL_KEY = "nvr_trainable_only"
-"""Checkpoint flag: ``state_dict`` holds only the trainable tensors (frozen LoRA base left out)."""
 
 
 class BiEncoderModule(pl.LightningModule):
@@ -80,6 +82,7 @@ class BiEncoderModule(pl.LightningModule):
         if init_from:
             load_warm_start(self.embedder, init_from)
         freeze_unused_heads(self.embedder)
+        keep_fp32_master_weights(self.embedder)
         self.train()  # from_pretrained returns eval mode; Lightning 2.6 keeps module modes as it finds them
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -184,12 +187,37 @@ class BiEncoderModule(pl.LightningModule):
     def _trainable_only(self) -> bool:
         return self.embedder_config.lora is not None and self.device_mesh is None
 
+    def setup(self, stage: str) -> None:
+        """Before any batch: data max lengths above the model's positions are clamped (warning names the key)."""
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if data is not None:
+            clamp_data_max_lengths(self.embedder, data)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[ENCODING_KEY] = self._encoding_record()
         if not self._trainable_only() or "state_dict" not in checkpoint:
             return
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint[PARTIAL_KEY] = True
+
+    def _encoding_record(self) -> dict[str, Any]:
+        """How training fed texts (prompts, masking, max lengths), the mined set and the last metrics: what
+        ``nvr export`` needs to reproduce the embeddings and write a model card."""
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        record: dict[str, Any] = {}
+        for key in ("query_prefix", "mask_instruction", "passage_prefix", "query_max_length", "passage_max_length",
+                    "query_instruction"):
+            if data is not None and hasattr(data, key):
+                record[key] = getattr(data, key)
+        mined = getattr(data, "mined_path", None) if data is not None else None
+        if mined is not None:
+            record["mined_dir"] = str(Path(mined).resolve())
+        if self._trainer is not None:
+            record["metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items()
+                                 if k.startswith(("val/", "test/")) and getattr(v, "numel", lambda: 1)() == 1}
+            record["global_step"] = int(self.trainer.global_step)
+        return record
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if not checkpoint.get(PARTIAL_KEY):
@@ -241,6 +269,47 @@ def teacher_false_negative_mask(negative_scores: Tensor, positive_scores: Tensor
     threshold = anchor - anchor.abs() * (1.0 - perc)
     mask = negative_scores.float() >= threshold
     return mask & ~torch.isnan(negative_scores) & ~torch.isnan(anchor)
+
+
+def keep_fp32_master_weights(embedder: Embedder) -> list[str]:
+    """Store every trainable parameter in float32 (a bf16/fp16 backbone stays in its dtype where frozen).
+
+    In pure bf16 an AdamW update of lr 1e-5 is below the spacing of the weights (2**-8 relative) and vanishes, so
+    the latent-attention head and LoRA adapters would not learn; ``bf16-mixed`` still computes in bf16.
+    """
+    cast = []
+    for name, param in embedder.named_parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.to(torch.float32)
+            cast.append(name)
+    if cast:
+        log.info("kept %d trainable parameter(s) in float32 (master weights), e.g. %s", len(cast), cast[:3])
+    return cast
+
+
+def clamp_data_max_lengths(embedder: Embedder, data: Any) -> list[str]:
+    """Clamp ``data.query_max_length``/``passage_max_length`` (and the eval sets') to the model's positions.
+
+    A longer setting would only fail (a traceback in the position embedding) once a text that long shows up; the
+    default 512 passage tokens exceed e.g. a 128-position model, so this clamps with one warning per key.
+    """
+    from nvr.modeling.backbone import position_limit
+
+    limit = position_limit(getattr(embedder.backbone, "config", None))
+    if limit is None:
+        return []
+    targets = [(data, "data", k) for k in ("query_max_length", "passage_max_length")]
+    for cfg in getattr(data, "eval_set_configs", None) or []:
+        targets += [(cfg, f"data.eval_sets[{cfg.name}]", k) for k in ("query_max_length", "passage_max_length")]
+    clamped = []
+    for owner, prefix, attr in targets:
+        value = getattr(owner, attr, None)
+        if isinstance(value, int) and value > limit:
+            log.warning("config key '%s.%s': %d exceeds the %d positions of %s; clamped to %d", prefix, attr, value,
+                        limit, embedder.config.model_name_or_path, limit)
+            setattr(owner, attr, limit)
+            clamped.append(f"{prefix}.{attr}")
+    return clamped
 
 
 def freeze_unused_heads(embedder: Embedder) -> list[str]:

@@ -1,0 +1,140 @@
+"""Writability checks run before any model is loaded, so a bad output or cache location fails in a second with
+one line naming it, instead of with a traceback after the whole corpus was encoded.
+
+Each check walks up to the nearest existing ancestor of the location: every existing part must be a folder
+(``NotADirectoryError`` otherwise) and the first existing folder must accept a new entry (a real probe: a temp file
+created and removed, which catches read-only file systems, permissions and ACLs alike).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nvr.utils.errors import OutputExistsError, PathError
+
+if TYPE_CHECKING:
+    from nvr.mining.config import MineConfig
+
+
+def _nearest_existing(path: Path) -> Path:
+    """The path itself or its closest ancestor that exists; a file on the way up is an error."""
+    for part in [path, *path.parents]:
+        if part.exists():
+            return part
+    return Path(".")
+
+
+def _probe(folder: Path) -> None:
+    """Create and remove a temp file in ``folder``; raises OSError when that is not allowed."""
+    fd, name = tempfile.mkstemp(prefix=".nvr-write-probe.", dir=folder)
+    os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
+
+
+def _check_creatable(path: Path, key: str | None) -> None:
+    """``path`` (absent) can be created: its nearest existing ancestor is a writable folder."""
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise PathError(path, f"cannot create it: {base} is a file, not a folder", key)
+    _check_writable_folder(base, key, shown=path)
+
+
+def _check_writable_folder(folder: Path, key: str | None, shown: Path | None = None) -> None:
+    try:
+        _probe(folder)
+    except OSError as err:
+        reason = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                  errno.EPERM: "operation not permitted", errno.ENOSPC: "no space left on device",
+                  errno.EDQUOT: "disk quota exceeded"}.get(err.errno or -1, err.strerror or str(err))
+        target = shown if shown is not None else folder
+        where = "" if shown is None or folder == shown else f" (in {folder})"
+        raise PathError(target, f"not writable: {reason}{where}", key) from err
+
+
+def check_output_dir(path: str | Path, key: str | None = None, overwrite: bool = False) -> None:
+    """An output folder: absent (creatable) or, with ``overwrite``, an existing folder beside which a new one
+    can be built."""
+    path = Path(path).expanduser()
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise PathError(path, "exists and is a file; an output folder is needed here", key)
+        if not overwrite:
+            raise OutputExistsError(path)
+        _check_writable_folder(path.parent if str(path.parent) else Path("."), key, shown=path)
+        return
+    _check_creatable(path, key)
+
+
+def check_output_file(path: str | Path, key: str | None = None, overwrite: bool = False) -> None:
+    """An output file: not an existing folder, absent unless ``overwrite``, in a writable folder."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise PathError(path, "is a directory; give a file path", key)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+    if path.exists():
+        _check_writable_folder(path.parent if str(path.parent) else Path("."), key, shown=path)
+        return
+    _check_creatable(path, key)
+
+
+def check_cache_dir(path: str | Path, key: str | None = None) -> None:
+    """A cache folder: an existing writable folder, or creatable."""
+    path = Path(path).expanduser()
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise PathError(path, "is a file; the cache needs a folder", key)
+        _check_writable_folder(path, key)
+        return
+    _check_creatable(path, key)
+
+
+# ---------------------------------------------------------------------------------------------- nvr mine
+def preflight_mine(cfg: MineConfig) -> MineConfig:
+    """Every check of a mining job that needs no model: output and cache locations, local model folders, max
+    lengths. Returns the config to run: max lengths above a model's position limit clamped (with a warning), so
+    the manifest records the lengths actually used; ``cfg`` itself is not modified."""
+    from nvr.utils.models import check_max_length, check_model_source
+
+    check_output_dir(cfg.output_dir, "output_dir", cfg.overwrite)
+    check_cache_dir(cfg.cache_dir, "cache_dir")
+    teachers = []
+    for teacher in cfg.teachers:
+        if teacher.kind == "dense" and teacher.model_name_or_path:
+            key = f"teachers[{teacher.name}]"
+            check_model_source(teacher.model_name_or_path, f"{key}.model_name_or_path")
+            lengths = {k: check_max_length(teacher.model_name_or_path, getattr(teacher, k), f"{key}.{k}",
+                                           default=_default(teacher, k))
+                       for k in ("query_max_length", "passage_max_length")}
+            teacher = dataclasses.replace(teacher, **lengths)
+        teachers.append(teacher)
+    cross = cfg.cross_encoder
+    if cross is not None:
+        check_model_source(cross.model_name_or_path, "cross_encoder.model_name_or_path")
+        limit = check_max_length(cross.model_name_or_path, cross.max_length, "cross_encoder.max_length",
+                                 default=_default(cross, "max_length"))
+        cross = dataclasses.replace(cross, max_length=limit)
+    return dataclasses.replace(cfg, teachers=teachers, cross_encoder=cross)
+
+
+def _default(obj: object, name: str) -> object:
+    """The dataclass default of field ``name`` (MISSING when it has none)."""
+    return next(f.default for f in dataclasses.fields(obj) if f.name == name)  # type: ignore[arg-type]
+
+
+def teacher_key_scope(cfg: MineConfig) -> contextlib.AbstractContextManager:
+    """Report a dense teacher's load errors under ``teachers[<name>]`` (the loaders say ``embedder``). With one
+    dense teacher the owner is unambiguous; with several the teacher itself must scope its own loading."""
+    from nvr.utils.errors import config_key_scope
+
+    dense = [t.name for t in cfg.teachers if t.kind == "dense"]
+    if len(dense) != 1:
+        return contextlib.nullcontext()
+    return config_key_scope("embedder", f"teachers[{dense[0]}]")
