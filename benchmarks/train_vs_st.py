@@ -1,25 +1,45 @@
-"""Training throughput: nvr (Lightning, BiEncoderModule + MinedDataModule) vs sentence-transformers' trainer with
-MultipleNegativesRankingLoss, on the same model, batch, lengths and number of hard negatives, in one run.
+"""Training throughput: nvr (Lightning, BiEncoderModule + MinedDataModule) vs sentence-transformers' trainer, same
+model, batch, lengths, hard negatives and loss (InfoNCE at temperature 0.05 = MNRL at scale 20), in one run.
 
-Each side runs in its own subprocess; step times are measured around the optimizer step loop (first ``--warmup``
-steps excluded). Prints samples/s (queries per second) for both and the ratio nvr / ST (target >= 1.0).
+Rows (each tool in its own subprocess; step times around each optimizer step, the first ``--warmup`` excluded):
 
-    python benchmarks/train_vs_st.py [--steps 4] [--batch 16] [--negatives 2] [--tiny]
+* best CPU setting: nvr ``precision="bf16-mixed"`` vs ST ``bf16=True`` (both bf16 autocast, fp32 master weights),
+  MultipleNegativesRankingLoss. Printed, no target.
+* equal settings: both fp32, MNRL. Target: nvr >= 1.3x ST samples/s.
+* cached: batch ``--cached_batch`` (128) in mini-batches of ``--mini_batch`` (16): nvr ``mini_batch_size`` (cached
+  InfoNCE) vs ST ``CachedMultipleNegativesRankingLoss(mini_batch_size=16)``, in ``--cached_precision``
+  (bf16: each tool's best CPU setting). Target: >= 1.0x; peak RSS of both printed. Needs SciFact (809 train queries)
+  for enough distinct queries; skipped with a message when ``../shared/data/scifact`` is absent.
+
+Samples/s counts queries per second. A missed target is printed as MISSED.
+
+    python benchmarks/train_vs_st.py [--steps 4] [--batch 16] [--negatives 2] [--rows best,equal,cached] [--tiny]
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import tempfile
 import time
 from pathlib import Path
 
-from _common import default_beir_dir, emit, run_role
+from _common import (
+    default_beir_dir,
+    emit,
+    machine_info,
+    print_machine,
+    run_role,
+    shared_beir_dir,
+    verdict,
+)
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 QUERY_LEN = 32
 PASSAGE_LEN = 128
+PRECISIONS = {"bf16": ("bf16-mixed", True), "fp32": ("32-true", False)}
+"""name -> (Lightning ``precision``, ST ``bf16``)."""
 
 
 def model_dir(tiny: bool, work: Path) -> str:
@@ -34,30 +54,55 @@ def model_dir(tiny: bool, work: Path) -> str:
     return str(make_tiny_bert(work / "tiny_bert", hidden=64))
 
 
-def write_examples(work: Path, n: int, negatives: int, seed: int = 0) -> Path:
-    """A mined set over Cranfield texts (random negatives: only the shapes matter for throughput)."""
+def write_examples(beir_dir: Path, out: Path, n: int, negatives: int, seed: int = 0) -> Path:
+    """A mined set of ``n`` queries (random negatives: only the shapes matter for throughput).
+
+    Every text appears once in the whole set (distinct queries, positives and negatives), so neither tool's
+    no-duplicates batching skips an example and both step through full batches of the same examples.
+    """
     import numpy as np
 
     from nvr.data.beir import load_beir
+    from nvr.data.text import text_key
     from nvr.mining.mined_set import MINED_FILE, MinedExample, example_to_row
 
-    ds = load_beir(default_beir_dir(), "train")
-    rng = np.random.default_rng(seed)
+    ds = load_beir(beir_dir, "train")
+    seen: set[str] = set()
+    chosen: list[tuple[str, str]] = []
+    for qid in ds.queries.ids:
+        pos = next(iter(sorted(ds.qrels.get(qid, {}))), None)
+        keys = (text_key(ds.queries.text(qid)), text_key(ds.corpus.passage(ds.corpus.index[pos])) if pos else "")
+        if pos is None or pos not in ds.corpus.index or keys[0] in seen or keys[1] in seen:
+            continue
+        seen.update(keys)
+        chosen.append((qid, pos))
+        if len(chosen) == n:
+            break
+    if len(chosen) < n:
+        raise SystemExit(f"{beir_dir}: only {len(chosen)} train queries with distinct texts, need {n}")
+    pool = [i for i in np.random.default_rng(seed).permutation(len(ds.corpus))
+            if text_key(ds.corpus.passage(int(i))) not in seen]
+    if len(pool) < n * negatives:
+        raise SystemExit(f"{beir_dir}: {len(pool)} distinct non-positive docs, need {n * negatives}")
     rows = []
-    qids = [q for q in ds.queries.ids if ds.qrels.get(q)][:n]
-    for qid in qids:
-        pos = next(iter(ds.qrels[qid]))
-        neg = [int(i) for i in rng.choice(len(ds.corpus), size=negatives, replace=False)]
+    for k, (qid, pos) in enumerate(chosen):
+        neg = [int(i) for i in pool[k * negatives:(k + 1) * negatives]]
         rows.append(MinedExample(
             qid, ds.queries.text(qid), [pos], [ds.corpus.passage(ds.corpus.index[pos])],
             [ds.corpus.ids[i] for i in neg], [ds.corpus.passage(i) for i in neg], [0.0] * negatives,
             ["random"] * negatives, list(range(negatives)),
         ))
-    out = work / "mined"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / MINED_FILE, "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(example_to_row(r)) + "\n" for r in rows)
     return out
+
+
+def nvr_supports_mini_batch() -> bool:
+    """Does this nvr's BiEncoderModule have the cached InfoNCE (``mini_batch_size``)?"""
+    from nvr.training.module import BiEncoderModule
+
+    return "mini_batch_size" in inspect.signature(BiEncoderModule.__init__).parameters
 
 
 def run_nvr(args: argparse.Namespace) -> None:
@@ -70,13 +115,14 @@ def run_nvr(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     timer = _lightning_timer_class()()
+    cached = {"mini_batch_size": args.mini_batch} if args.mini_batch else {}
     module = BiEncoderModule(EmbedderConfig(model_name_or_path=args.model, pooling="mean"), temperature=0.05,
-                             lr=2e-5, warmup_steps=0, seed=0)
+                             lr=2e-5, warmup_steps=0, seed=0, **cached)
     data = MinedDataModule(mined_dir=args.mined, tokenizer=args.model, query_max_length=QUERY_LEN,
                            passage_max_length=PASSAGE_LEN, num_negatives=args.negatives, batch_size=args.batch)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.warmup + args.steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, callbacks=[timer])
+                         limit_val_batches=0, callbacks=[timer], precision=PRECISIONS[args.precision][0])
     trainer.fit(module, datamodule=data)
     emit(timer.result(args))
 
@@ -96,7 +142,7 @@ def run_st(args: argparse.Namespace) -> None:
     for j in range(args.negatives):
         columns[f"negative_{j + 1}"] = [e.negative_texts[j] for e in examples]
     model = SentenceTransformer(args.model, device="cpu")
-    model.max_seq_length = PASSAGE_LEN  # one limit for both sides in ST; Cranfield queries are < 32 tokens anyway
+    model.max_seq_length = PASSAGE_LEN  # one limit for both sides in ST; the queries are < 32 tokens anyway
     timer = StepTimer()
 
     class HFTimer(TrainerCallback):
@@ -106,15 +152,19 @@ def run_st(args: argparse.Namespace) -> None:
         def on_step_end(self, *a, **k) -> None:
             timer.end()
 
+    if args.mini_batch:
+        loss = losses.CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=args.mini_batch)
+    else:
+        loss = losses.MultipleNegativesRankingLoss(model, scale=20.0)
     with tempfile.TemporaryDirectory() as out:
         targs = SentenceTransformerTrainingArguments(
             output_dir=out, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch,
             learning_rate=2e-5, warmup_steps=0, save_strategy="no", report_to=[], logging_steps=10_000,
             dataloader_drop_last=True, batch_sampler=BatchSamplers.NO_DUPLICATES, use_cpu=True, seed=0,
+            bf16=PRECISIONS[args.precision][1],
         )
         trainer = SentenceTransformerTrainer(model=model, args=targs, train_dataset=Dataset.from_dict(columns),
-                                             loss=losses.MultipleNegativesRankingLoss(model, scale=20.0),
-                                             callbacks=[HFTimer()])
+                                             loss=loss, callbacks=[HFTimer()])
         trainer.train()
     emit(timer.result(args))
 
@@ -154,37 +204,102 @@ def _lightning_timer_class():
     return LightningStepTimer
 
 
+ROWS = {
+    # name: (label, precision, cached, target nvr/ST or None)
+    "best": ("best CPU setting (nvr bf16-mixed, ST bf16=True), MNRL", "bf16", False, None),
+    "equal": ("equal settings (fp32 both), MNRL", "fp32", False, 1.3),
+    "cached": ("cached InfoNCE vs CachedMNRL", None, True, 1.0),
+}
+
+
+def run_row(args: argparse.Namespace, work: Path, model: str, name: str) -> dict | None:
+    """One (nvr, ST) pair in fresh subprocesses; None (with a message) when the row cannot run here."""
+    label, precision, cached, _ = ROWS[name]
+    batch, steps, beir = args.batch, args.steps, default_beir_dir()
+    extra = ["--mini_batch", "0"]  # the roles' uncached loss
+    if cached:
+        if not nvr_supports_mini_batch():
+            print(f"  {name}: skipped: this nvr's BiEncoderModule has no mini_batch_size (cached InfoNCE)")
+            return None
+        beir = shared_beir_dir("scifact")
+        if beir is None:
+            print(f"  {name}: skipped: needs ../shared/data/scifact for {args.cached_batch} distinct queries a batch")
+            return None
+        batch, steps, precision = args.cached_batch, args.cached_steps, args.cached_precision
+        extra = ["--mini_batch", str(args.mini_batch)]
+    n = batch * (args.warmup + steps + 1)
+    mined = write_examples(beir, work / f"mined_{name}", n=n, negatives=args.negatives)
+    common = ["--steps", str(steps), "--warmup", str(args.warmup), "--batch", str(batch), "--negatives",
+              str(args.negatives), "--threads", str(args.threads), "--model", model, "--mined", str(mined),
+              "--precision", precision, *extra]
+    script = Path(__file__).resolve()
+    nvr = run_role(script, "nvr", *common)
+    print(f"  {name} nvr: {json.dumps(nvr)}", flush=True)
+    st = run_role(script, "st", *common)
+    print(f"  {name} st: {json.dumps(st)}", flush=True)
+    return {"label": label, "precision": precision, "batch": batch, "mini_batch": args.mini_batch if cached else None,
+            "data": str(beir), "nvr": nvr, "sentence_transformers": st,
+            "ratio": round(nvr["samples_per_s"] / st["samples_per_s"], 3)}
+
+
+def print_summary(results: dict) -> None:
+    print(f"\ntrain: query {QUERY_LEN} / passage {PASSAGE_LEN} tokens, scale 20 (temperature 0.05); samples/s = "
+          "queries/s over the timed steps")
+    print(f"{'row':56}{'batch':>6}{'ST/s':>8}{'nvr/s':>8}{'nvr/ST':>8}  target       RSS MB ST / nvr")
+    for name, row in results.items():
+        if row is None:
+            print(f"{ROWS[name][0]:56}  not run (see above)")
+            continue
+        target = ROWS[name][3]
+        label = row["label"] + (f" ({row['precision']}, mini-batch {row['mini_batch']})" if row["mini_batch"] else "")
+        goal = "" if target is None else f">= {target:<4} {verdict(row['ratio'] >= target)}"
+        print(f"{label:56}{row['batch']:>6}{row['sentence_transformers']['samples_per_s']:>8.2f}"
+              f"{row['nvr']['samples_per_s']:>8.2f}{row['ratio']:>8.2f}  {goal:12} "
+              f"{row['sentence_transformers']['peak_rss_mb']:>6.0f} / {row['nvr']['peak_rss_mb']:.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--role", choices=["driver", "nvr", "st"], default="driver")
+    parser.add_argument("--rows", default="best,equal,cached", help=f"comma-separated subset of {list(ROWS)}")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--negatives", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cached_batch", type=int, default=128)
+    parser.add_argument("--cached_steps", type=int, default=2)
+    parser.add_argument("--cached_precision", choices=list(PRECISIONS), default="bf16")
+    parser.add_argument("--mini_batch", type=int, default=16, help="cached row's mini-batch (roles: 0 = uncached)")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="bf16", help="roles only")
     parser.add_argument("--tiny", action="store_true", help="use a tiny random BERT even if MiniLM is installed")
+    parser.add_argument("--json", default=None, help="also write every measurement to this JSON file")
     parser.add_argument("--model")
     parser.add_argument("--mined")
     args = parser.parse_args()
-    if args.role == "nvr":
-        run_nvr(args)
+    if args.role != "driver":
+        if args.role == "nvr":
+            run_nvr(args)
+        else:
+            run_st(args)
         return
-    if args.role == "st":
-        run_st(args)
-        return
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        raise SystemExit(f"--rows: unknown {unknown}; choose from {list(ROWS)}")
+    info = machine_info()
+    print_machine(info)
     work = Path(tempfile.mkdtemp(prefix="nvr_train_bench_"))
     model = model_dir(args.tiny, work)
-    mined = write_examples(work, n=args.batch * (args.warmup + args.steps + 2), negatives=args.negatives)
-    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-              "--negatives", str(args.negatives), "--threads", str(args.threads), "--model", model,
-              "--mined", str(mined)]
-    script = Path(__file__).resolve()
-    nvr = run_role(script, "nvr", *common)
-    st = run_role(script, "st", *common)
-    print(json.dumps({"model": model, "batch": args.batch, "negatives": args.negatives, "query_len": QUERY_LEN,
-                      "passage_len": PASSAGE_LEN, "nvr": nvr, "sentence_transformers": st,
-                      "ratio_samples_per_s_nvr_over_st": round(nvr["samples_per_s"] / st["samples_per_s"], 3)},
-                     indent=2))
+    results = {name: run_row(args, work, model, name) for name in rows}
+    print_summary(results)
+    info["load_avg_end"] = machine_info()["load_avg"]
+    print(f"model {model}; load average at the end {info['load_avg_end']}")
+    if args.json:
+        from nvr.utils.atomic import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps({"machine": info, "model": model, "query_len": QUERY_LEN,
+                                                 "passage_len": PASSAGE_LEN, "rows": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -321,7 +321,7 @@ def test_nvr_eval_never_uses_garbage_cached_embeddings(tiny_bert_dir, tiny_beir_
     args = ["eval", "--model", str(tiny_bert_dir), "--beir", str(tiny_beir_dir), "--cache_dir", str(cache),
             "--batch_size", "8", "--device", "cpu", "--output"]
     assert _run_cli([*args, str(tmp_path / "a.json")], capsys)[0] == 0
-    (final,) = cache.glob("*/embeddings.npy")
+    (final,) = cache.glob("embeddings/*/embeddings.npy")
     _same_size_garbage(final)
     with caplog.at_level(logging.WARNING, logger="nvr.teachers.cache"):
         assert _run_cli([*args, str(tmp_path / "b.json")], capsys)[0] == 0

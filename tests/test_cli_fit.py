@@ -73,3 +73,74 @@ def test_test_loop_logs_the_validation_metrics_under_test(tiny_bert_dir, tiny_be
 def test_unknown_subcommand_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="fit"):
         main(["predict"])
+
+
+# ------------------------------------------------------------------------------------ precision: auto
+def _cli(config: Path, *extra: str):
+    from nvr.cli.lightning_cli import NvrCLI
+    from nvr.training.datamodule import MinedDataModule
+    from nvr.training.module import BiEncoderModule
+
+    return NvrCLI(BiEncoderModule, MinedDataModule, args=["--config", str(config), *extra], run=False)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("given", [[], ["--trainer.precision", "auto"]], ids=["unset", "auto"])
+def test_precision_auto_is_bf16_mixed_only_where_bf16_is_native(native, given, tiny_bert_dir, tiny_beir_dir,
+                                                                 tmp_path, monkeypatch) -> None:
+    import nvr.utils.precision
+
+    monkeypatch.setattr(nvr.utils.precision, "bf16_supported", lambda device="cpu": native)
+    cli = _cli(_config(tmp_path, tiny_bert_dir, tiny_beir_dir), *given)
+    assert cli.trainer.precision == ("bf16-mixed" if native else "32-true")
+    assert cli.config["trainer"]["precision"] == "auto"  # recorded as given: a resume re-resolves on its machine
+    # fp32 master weights under bf16-mixed
+    assert all(p.dtype == torch.float32 for p in cli.model.parameters() if p.requires_grad)
+
+
+def test_an_explicit_precision_is_respected(tiny_bert_dir, tiny_beir_dir, tmp_path, monkeypatch) -> None:
+    import nvr.utils.precision
+
+    monkeypatch.setattr(nvr.utils.precision, "bf16_supported", lambda device="cpu": True)
+    cli = _cli(_config(tmp_path, tiny_bert_dir, tiny_beir_dir), "--trainer.precision", "32-true")
+    assert cli.trainer.precision == "32-true"
+
+
+def test_resolve_trainer_precision_per_accelerator(monkeypatch) -> None:
+    import nvr.utils.precision
+    from nvr.cli.lightning_cli import resolve_trainer_precision
+
+    seen: list[str] = []
+    monkeypatch.setattr(nvr.utils.precision, "bf16_supported", lambda device="cpu": seen.append(device) or True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_trainer_precision("cpu") == "bf16-mixed" and seen[-1] == "cpu"
+    assert resolve_trainer_precision("gpu") == "bf16-mixed" and seen[-1] == "cuda"
+    assert resolve_trainer_precision(None) == "bf16-mixed" and seen[-1] == "cpu"  # auto without CUDA
+    assert resolve_trainer_precision("tpu") == "32-true"
+
+
+# ------------------------------------------------------------------------------ finite hyper-parameters
+@pytest.mark.parametrize("path,value", [
+    (("lr",), float("nan")), (("temperature",), float("inf")), (("weight_decay",), float("-inf")),
+    (("false_negative_perc",), float("nan")), (("embedder", "lora"), {"dropout": float("nan")}),
+    (("embedder", "lora"), {"r": 0}),
+], ids=["lr", "temperature", "weight_decay", "false_negative_perc", "lora.dropout", "lora.r"])
+def test_non_finite_model_float_is_a_one_line_config_error(path, value, tiny_bert_dir, tiny_beir_dir, tmp_path,
+                                                           capsys) -> None:
+    from nvr.cli.main import main as nvr_main
+
+    config = _config(tmp_path, tiny_bert_dir, tiny_beir_dir)
+    cfg = yaml.safe_load(config.read_text(encoding="utf-8"))
+    node = cfg["model"]
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    with pytest.raises(SystemExit) as exc:
+        nvr_main(["fit", "--config", str(config)])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1, err
+    if isinstance(value, dict):  # LoraSettings' own range check, raised inside jsonargparse's instantiation
+        assert f"embedder.lora.{next(iter(value))}" in err and "must be" in err, err
+    else:
+        assert f"model.{path[0]}" in err and "finite" in err, err

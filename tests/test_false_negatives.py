@@ -186,3 +186,15 @@ def test_exclude_judged_false_lets_low_graded_documents_be_negatives(tmp_path):
     data = load_data(DataSource(beir_dir=str(beir), split="train", min_relevance=2, exclude_judged=False))
     assert data.excluded == {}
     assert "low" in negatives_of(run_mining(bm25_cfg(beir, tmp_path, min_relevance=2, exclude_judged=False)))["q1"]
+
+
+def test_document_whose_body_equals_the_query_is_excluded_despite_its_title(tmp_path):
+    docs = {"d1": "apple stone", "body_same": "", **filler_docs(12)}
+    beir = write_beir(tmp_path / "b", docs, {"q1": "apple river cloud"}, [("q1", "d1", 1)])
+    (beir / "corpus.jsonl").write_text((beir / "corpus.jsonl").read_text().replace(
+        '"_id": "body_same", "title": "", "text": ""',
+        '"_id": "body_same", "title": "Weather report", "text": "Apple river  CLOUD"'))
+    res = run_mining(bm25_cfg(beir, tmp_path))
+    assert "body_same" not in negatives_of(res)["q1"]
+    assert res.counts["excluded_query_text_candidates"] == 1
+    assert int((res.results[0].reason == Reason.QUERY_TEXT).sum()) == 1

@@ -146,3 +146,34 @@ def test_numpy_fallback_peak_memory_stays_within_budget(monkeypatch, n_queries, 
     assert peak <= memory_mb * 2**20 * 1.05 + n_queries * per_query
     exact = queries.astype(np.float64) @ docs.astype(np.float64).T
     assert np.array_equal(idx, np.argsort(-exact, axis=1, kind="stable")[:, :k])
+
+
+@pytest.mark.parametrize(
+    ("n_queries", "n_docs", "dim", "k", "memory_mb"),
+    [(200, 20000, 16, 30000, 1.0), (64, 5000, 8, 6000, 0.5), (3, 100000, 8, 20000, 0.5), (10, 100000, 4, 50, 0.25)],
+)
+def test_numpy_fallback_memory_with_k_beyond_a_block_or_the_corpus(monkeypatch, n_queries, n_docs, dim, k, memory_mb):
+    """k larger than one block (a single query's candidates exceed the budget) and D < k (every doc is a candidate):
+    beyond ``memory_mb`` only the (Q, k) results, the coarse candidates (none when D <= k) and one query block's
+    O(fetch) sort scratch may come on top; no O(D) order array is built when ``doc_order`` is None."""
+    import tracemalloc
+
+    from nvr.mining import search
+
+    monkeypatch.setattr(search, "_coarse_backend", lambda use_gpu: search._numpy_knn)
+    rng = np.random.default_rng(1)
+    queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
+    docs = rng.standard_normal((n_docs, dim)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        scores, idx = search.exact_topk(queries, docs, k, memory_mb=memory_mb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    k_eff = min(k, n_docs)
+    fetch = min(n_docs, k_eff + max(16, k_eff // 4))
+    coarse = 12 * n_queries * fetch if fetch < n_docs else 0
+    assert peak <= memory_mb * 2**20 * 1.05 + 12 * n_queries * k + coarse + 64 * fetch + 2**16
+    exact = (queries.astype(np.float64) @ docs.astype(np.float64).T).astype(np.float32)  # fp32 ties by doc order
+    assert np.array_equal(idx[:, :k_eff], np.argsort(-exact, axis=1, kind="stable")[:, :k_eff])
+    assert (idx[:, k_eff:] == -1).all() and np.isnan(scores[:, k_eff:]).all()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -199,7 +200,7 @@ def test_dense_teacher_encodes_through_cache(tiny_bert_dir, tmp_path, monkeypatc
     from nvr.teachers.dense import DenseTeacher
 
     cfg = TeacherConfig(name="tiny", model_name_or_path=str(tiny_bert_dir), query_prefix="query :", batch_size=4,
-                        query_max_length=16, passage_max_length=32, device="cpu")
+                        query_max_length=16, passage_max_length=32, device="cpu", dtype="float32")
     teacher = DenseTeacher(cfg, tmp_path, shard_size=3)
     passages = ["wing lift drag", "heat transfer boundary layer", "shock wave", "rocket nozzle thrust", "wing"]
     docs = teacher.encode_passages(passages)
@@ -212,14 +213,18 @@ def test_dense_teacher_encodes_through_cache(tiny_bert_dir, tmp_path, monkeypatc
     import nvr.modeling.encode as encode_mod
     import nvr.teachers.dense as dense_mod
 
+    # an explicit dtype needs no device probe: ``dtype: auto`` + ``device: auto`` is the one case that imports torch
     auto = DenseTeacher(TeacherConfig(name="tiny", model_name_or_path=str(tiny_bert_dir), query_prefix="query :",
-                                      query_max_length=16, passage_max_length=32, device="auto"), tmp_path, 3)
+                                      query_max_length=16, passage_max_length=32, device="auto", dtype="float32"),
+                        tmp_path, 3)
     monkeypatch.setattr(encode_mod, "encode_texts", lambda *a, **k: pytest.fail("cache miss"))
     monkeypatch.setattr(dense_mod, "pick_device", lambda d: pytest.fail("device resolved (imports torch)"))
     np.testing.assert_array_equal(auto.encode_passages(passages), docs)
     assert auto.fingerprint == teacher.fingerprint
     assert auto._embedder is None, "a cached re-run must not load the model"
     assert auto._device is None, "a cached re-run must not resolve the device (torch import)"
+    on_cpu = DenseTeacher(dataclasses.replace(cfg, dtype="auto"), tmp_path, 3)
+    assert on_cpu.dtype_label in ("float32", "autocast-bfloat16") and on_cpu._device is None
     monkeypatch.setattr(dense_mod, "pick_device", lambda d: "cpu")
     assert auto.device == "cpu"
     other = DenseTeacher(TeacherConfig(name="cls", model_name_or_path=str(tiny_bert_dir), pooling="cls"), tmp_path)

@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exclude instruction tokens from pooling (default: true, or the folder's include_prompt)")
     p.add_argument("--passage_prefix", default=None, help="text put before every passage (default none)")
     p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--max_tokens_per_batch", type=int, default=None,
+                   help="cap on padded tokens per batch (length-sorted batches; never changes the embeddings)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: bf16 autocast where the device runs bf16 natively, else float32 (exact parity)")
     p.add_argument("--max_length", type=int, default=None,
                    help="token budget for passages (and queries unless --query_max_length); default: metadata")
     p.add_argument("--query_max_length", type=int, default=None)
@@ -67,6 +71,8 @@ def preflight(args: argparse.Namespace) -> None:
     if args.cache_dir:
         check_cache_dir(args.cache_dir, "--cache_dir")
     check_model_source(args.model, "--model")
+    if args.max_tokens_per_batch is not None and args.max_tokens_per_batch <= 0:
+        raise ConfigError("--max_tokens_per_batch", f"must be > 0, got {args.max_tokens_per_batch}")
     for key in ("max_length", "query_max_length"):
         value = getattr(args, key)
         if value is not None:
@@ -83,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.beir, split=args.split, pooling=args.pooling, normalize=args.normalize,
         query_instruction=args.query_instruction, passage_prefix=args.passage_prefix,
         mask_instruction=args.mask_instruction, max_length=args.max_length, query_max_length=args.query_max_length,
-        batch_size=args.batch_size, k_values=args.k_values, search_memory_mb=args.search_memory_mb,
+        batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens_per_batch, dtype=args.dtype,
+        k_values=args.k_values, search_memory_mb=args.search_memory_mb,
         cache_dir=args.cache_dir or None, output=args.output, overwrite=args.overwrite, device=args.device,
     )
     print(format_table(result))

@@ -5,10 +5,16 @@
   :class:`LastCheckpoint` that rewrites ``last.ckpt`` after every validation and at the end of fit (both under
   ``<default_root_dir>/checkpoints``) and ``RetrievalEvaluator`` when eval sets are configured; ones given in the
   config are kept. Lightning's ``save_last=True`` only rewrites ``last.ckpt`` when a top-k file is saved (a run
-  that stops improving leaves an old step there), so a configured ``save_last`` is handed over to LastCheckpoint.
-* ``--ckpt_path last|best`` is resolved here, under the run's checkpoint folder, for fit, validate and test; a
-  missing ``best``/``last`` (validate, test) or a missing/truncated checkpoint file is a one-line error, never a
-  silent evaluation of the base model. ``fit --ckpt_path last`` without a ``last.ckpt`` starts fresh (logged).
+  that stops improving leaves an old step there), so a configured ModelCheckpoint's ``last.ckpt`` is written by a
+  LastCheckpoint in its folder (also when ``save_last`` is unset; ``save_last: false`` opts out). ``last.ckpt``
+  has no version counter: a fresh run in the same folder replaces an earlier run's file (with a warning).
+* ``--ckpt_path last|best`` is resolved here, under the run's checkpoint folder, for fit, validate and test
+  (``best``: the best file of this run's monitored callback, as recorded in ``last.ckpt``); a missing
+  ``best``/``last`` (validate, test), a missing/truncated file or a torch file that is not a Lightning checkpoint
+  is a one-line error, never a silent evaluation of the base model. ``fit --ckpt_path last`` without a
+  ``last.ckpt`` starts fresh (logged). A checkpoint of another embedder config (e.g. LoRA r) is a one-line error.
+* ``trainer.precision: auto`` is the default: ``bf16-mixed`` (fp32 master weights) where the accelerator runs bf16
+  natively (CUDA with bf16, a CPU with avx512_bf16/AMX), else ``32-true``; an explicit value is used as given.
 * Resume: ``nvr fit --config <cfg> --ckpt_path last`` (full state incl. the train sampler position). Warm start
   from another run's weights is ``--model.init_from``.
 """
@@ -19,7 +25,7 @@ import logging
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -29,7 +35,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from nvr.evaluation.callback import RetrievalEvaluator
 from nvr.training.datamodule import MinedDataModule
 from nvr.training.module import BiEncoderModule
-from nvr.utils.errors import ConfigError, InputError
+from nvr.utils.errors import ConfigError, InputError, NvrError
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +48,33 @@ class NvrCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.embedder.model_name_or_path", "data.tokenizer")
         parser.link_arguments("model.embedder.add_eos", "data.add_eos")
+        allow_auto_precision(parser)
+
+    def instantiate_classes(self) -> None:
+        """A config dataclass that refuses its values (``ConfigError`` in ``__post_init__``, e.g.
+        ``model.embedder.lora.dropout: .nan`` or ``data.mining.filter.perc``) reaches us wrapped in jsonargparse's
+        multi-line "Does not validate against any of the Union subtypes" ValueError: re-raise the ConfigError."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            cause = _nvr_error_in(err)
+            if cause is None:
+                raise
+            raise cause from None
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer_cfg = self._get(self.config_init, "trainer", default={}) or {}
+        if trainer_cfg.get("precision") in (None, AUTO_PRECISION) and "precision" not in kwargs:
+            kwargs["precision"] = resolve_trainer_precision(trainer_cfg.get("accelerator"))
         configured = list(trainer_cfg.get("callbacks") or [])
         root = Path(trainer_cfg.get("default_root_dir") or ".")
-        checkpointing = trainer_cfg.get("enable_checkpointing") is not False and self.subcommand == "fit"
+        # checkpoint callbacks are also given to validate/test: they save nothing outside fit, and Lightning warns
+        # that "callbacks used to create the checkpoint need to be provided" when they are missing
+        checkpointing = trainer_cfg.get("enable_checkpointing") is not False
         kwargs["callbacks"] = configured + default_callbacks(self.datamodule, configured, root, checkpointing)
-        self._checkpoint_dirs = checkpoint_dirs(configured, root)
+        self._checkpoint_dirs = checkpoint_dirs(kwargs["callbacks"], root)
+        self._monitors = [c.monitor for c in kwargs["callbacks"]
+                          if isinstance(c, ModelCheckpoint) and not isinstance(c, LastCheckpoint) and c.monitor]
         return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
@@ -63,8 +88,60 @@ class NvrCLI(LightningCLI):
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if "ckpt_path" in kwargs:
-            kwargs["ckpt_path"] = resolve_ckpt_path(kwargs["ckpt_path"], self._checkpoint_dirs, subcommand)
+            kwargs["ckpt_path"] = resolve_ckpt_path(kwargs["ckpt_path"], self._checkpoint_dirs, subcommand,
+                                                    monitors=self._monitors)
         return kwargs
+
+
+def _nvr_error_in(err: BaseException) -> NvrError | None:
+    """The first nvr error in ``err``'s cause/context chain (jsonargparse re-raises while handling it)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, NvrError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+AUTO_PRECISION = "auto"
+"""``trainer.precision: auto`` (the default): ``bf16-mixed`` where the device runs bf16 natively, else ``32-true``."""
+
+
+def allow_auto_precision(parser) -> None:
+    """Let ``trainer.precision`` take ``auto`` and make it the default (Lightning's own type has no such value).
+
+    jsonargparse keeps the accepted type of an option on its action (``_typehint``); extending that union is the
+    only way to add a value to an argument LightningCLI derives from ``Trainer.__init__``."""
+    action = parser._option_string_actions.get("--trainer.precision")
+    if action is None or not hasattr(action, "_typehint"):
+        return
+    action._typehint = Union[action._typehint, Literal["auto"]]  # noqa: UP007 (a runtime typing object)
+    action.default = AUTO_PRECISION
+    parser.set_defaults({"trainer.precision": AUTO_PRECISION})
+
+
+def resolve_trainer_precision(accelerator: Any) -> str:
+    """``bf16-mixed`` (fp32 master weights, bf16 autocast) where the accelerator runs bf16 natively: CUDA with bf16
+    support, a CPU with ``avx512_bf16``/``amx_bf16`` (:func:`nvr.utils.precision.bf16_supported`); ``32-true``
+    elsewhere (emulated bf16 is slower than fp32). ``accelerator: auto`` follows Lightning's choice (CUDA, then MPS,
+    then CPU)."""
+    from nvr.utils.precision import bf16_supported
+
+    name = str(accelerator or "auto").lower() if isinstance(accelerator, str) or accelerator is None else \
+        type(accelerator).__name__.lower().replace("accelerator", "")
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    device = {"gpu": "cuda"}.get(name, name)
+    precision = "bf16-mixed" if device in ("cpu", "cuda") and bf16_supported(device) else "32-true"
+    log.info("trainer.precision auto: %s on %s (set trainer.precision to override)", precision, device)
+    return precision
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -73,8 +150,17 @@ class LastCheckpoint(ModelCheckpoint):
     top-k callback decides. Put it after the monitored callback so the file carries that callback's best path."""
 
     def __init__(self, dirpath: str | Path | None = None, every_n_train_steps: int | None = None) -> None:
+        # no version counter: a fresh run in a folder that holds an older run's last.ckpt must replace it (with
+        # the counter it wrote last-v1.ckpt and ``--ckpt_path last`` / ``init_from .../last.ckpt`` took the old run)
         super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, monitor=None,
-                         every_n_train_steps=every_n_train_steps, save_on_train_epoch_end=False)
+                         every_n_train_steps=every_n_train_steps, save_on_train_epoch_end=False,
+                         enable_version_counter=False)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        last = Path(self.dirpath) / LAST_NAME if self.dirpath else None
+        if trainer.ckpt_path is None and last is not None and last.exists() and trainer.is_global_zero:
+            log.warning("%s is from an earlier run and will be replaced by this one's latest state (pass "
+                        "--ckpt_path last to continue that run instead)", last)
 
     def _save_now(self, trainer, force: bool) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
@@ -114,30 +200,45 @@ def default_callbacks(datamodule: MinedDataModule, configured: list[Callback], r
             ))
         extra.append(LastCheckpoint(dirpath=root / "checkpoints"))
         return extra
+    # last.ckpt is nvr's contract unless a callback says ``save_last: false``; a callback without a dirpath would
+    # write into the logger's new version folder (never found again by --ckpt_path last): its last goes to root
+    served: dict[Path, LastCheckpoint] = {}
     for callback in user:
-        if callback.save_last:
-            log.info("ModelCheckpoint(save_last=%s) in %s: last.ckpt is written by nvr's LastCheckpoint instead "
-                     "(Lightning only rewrites it when a top-k checkpoint is saved)", callback.save_last,
-                     callback.dirpath)
-            callback.save_last = False
-            extra.append(LastCheckpoint(dirpath=callback.dirpath,
-                                        every_n_train_steps=callback._every_n_train_steps or None))
+        if callback.save_last is False:
+            continue
+        folder = Path(callback.dirpath) if callback.dirpath else root / "checkpoints"
+        log.info("ModelCheckpoint(save_last=%s) in %s: last.ckpt is written by nvr's LastCheckpoint in %s "
+                 "(Lightning only rewrites it when a top-k checkpoint is saved)", callback.save_last,
+                 callback.dirpath, folder)
+        callback.save_last = False
+        every = callback._every_n_train_steps or None
+        if folder not in served:
+            served[folder] = LastCheckpoint(dirpath=folder, every_n_train_steps=every)
+            extra.append(served[folder])
+        elif every and not 0 < served[folder]._every_n_train_steps <= every:  # the most frequent one wins
+            served[folder]._every_n_train_steps = every
     return extra
 
 
-def checkpoint_dirs(configured: list[Callback], root: Path) -> list[Path]:
-    """Where this run's checkpoints live: the configured ModelCheckpoint folders, else ``root/checkpoints``."""
-    dirs = [Path(c.dirpath) for c in configured if isinstance(c, ModelCheckpoint) and c.dirpath]
-    return dirs or [root / "checkpoints"]
+def checkpoint_dirs(callbacks: list[Callback], root: Path) -> list[Path]:
+    """Where this run's ``last.ckpt`` lives: the LastCheckpoint folders, else every ModelCheckpoint folder, else
+    ``root/checkpoints``."""
+    lasts = [Path(c.dirpath) for c in callbacks if isinstance(c, LastCheckpoint) and c.dirpath]
+    dirs = lasts or [Path(c.dirpath) for c in callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+    return list(dict.fromkeys(dirs)) or [root / "checkpoints"]
 
 
-def resolve_ckpt_path(value: str | None, dirs: list[Path], subcommand: str) -> str | None:
-    """``last``/``best`` -> a file under ``dirs``; any path -> checked to exist and be a readable checkpoint."""
+def resolve_ckpt_path(value: str | None, dirs: list[Path], subcommand: str,
+                      monitors: list[str] | None = None) -> str | None:
+    """``last``/``best`` -> a file under ``dirs``; any path -> checked to exist and be a readable checkpoint.
+
+    ``best`` is the ``best_model_path`` of a monitored callback recorded in the run's ``last.ckpt`` (``monitors``:
+    this run's monitored metrics, default ``val/ndcg@10``)."""
     if value is None or value == "hpc":
         return value
     where = ", ".join(str(d) for d in dirs)
     if value == "last":
-        found = [d / LAST_NAME for d in dirs if (d / LAST_NAME).is_file()]
+        found = [d / LAST_NAME for d in dirs if _is_checkpoint_entry(d / LAST_NAME)]
         if not found:
             if subcommand == "fit":
                 log.warning("--ckpt_path last: no %s in %s yet; starting a fresh run", LAST_NAME, where)
@@ -146,43 +247,80 @@ def resolve_ckpt_path(value: str | None, dirs: list[Path], subcommand: str) -> s
                                            "the checkpoint file or the run's --trainer.default_root_dir)")
         path = max(found, key=lambda p: p.stat().st_mtime)
     elif value == "best":
-        path = find_best(dirs)
+        wanted = list(monitors or []) or [BEST_MONITOR]
+        path = find_best(dirs, wanted)
         if path is None:
-            raise ConfigError("ckpt_path", f"'best': no monitored ({BEST_MONITOR}) checkpoint recorded in "
-                                           f"{where}/{LAST_NAME} (no eval_sets, or not trained yet?)")
+            why = "has this run been trained?" if monitors else \
+                "no callback of this run monitors a metric: no eval_sets, or a ModelCheckpoint without monitor"
+            raise ConfigError("ckpt_path", f"'best': no monitored ({', '.join(wanted)}) checkpoint recorded in "
+                                           f"{where}/{LAST_NAME} ({why})")
     else:
         path = Path(value).expanduser()
     check_checkpoint_file(path)
     return str(path)
 
 
-def find_best(dirs: list[Path]) -> Path | None:
-    """The monitored callback's ``best_model_path`` as recorded in the run's ``last.ckpt`` (read lazily)."""
+def _is_checkpoint_entry(path: Path) -> bool:
+    """A single-file checkpoint or an FSDP2 (distributed) checkpoint folder of that name."""
+    from nvr.modeling.export import is_distributed_checkpoint
+
+    return path.is_file() or is_distributed_checkpoint(path)
+
+
+def _checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The non-tensor entries of a checkpoint (tensors memory-mapped, not read); FSDP2 folders: ``meta.pt``."""
+    from nvr.modeling.export import DCP_META_FILE, is_distributed_checkpoint
+
+    target = path / DCP_META_FILE if is_distributed_checkpoint(path) else path
+    try:
+        state = torch.load(str(target), map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # torch raises many types for a corrupt or foreign file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"cannot read checkpoint: {first}", target) from err
+    if not isinstance(state, dict):
+        raise InputError(f"not a Lightning checkpoint (holds a {type(state).__name__}, not a dict)", path)
+    return state
+
+
+def find_best(dirs: list[Path], monitors: list[str] | None = None) -> Path | None:
+    """The monitored callback's ``best_model_path`` as recorded in the run's ``last.ckpt`` (read lazily): the
+    first of ``monitors`` (default ``val/ndcg@10``) that a recorded callback tracks."""
+    wanted = list(monitors or []) or [BEST_MONITOR]
+    candidates: list[tuple[int, float, Path]] = []
     for folder in dirs:
         last = folder / LAST_NAME
-        if not last.is_file():
+        if not _is_checkpoint_entry(last):
             continue
         check_checkpoint_file(last)
-        state = torch.load(str(last), map_location="cpu", weights_only=False, mmap=True)
+        state = _checkpoint_meta(last)
         for cb_state in (state.get("callbacks") or {}).values():
-            if not isinstance(cb_state, dict):
+            if not isinstance(cb_state, dict) or cb_state.get("monitor") not in wanted:
                 continue
             best = cb_state.get("best_model_path")
-            if cb_state.get("monitor") == BEST_MONITOR and best:
-                best_path = Path(best)
-                if not best_path.is_absolute() and not best_path.exists():
-                    best_path = folder / best_path.name
-                if best_path.is_file():
-                    return best_path
-    return None
+            if not best:
+                continue
+            best_path = Path(best)
+            if not best_path.is_absolute() and not best_path.exists():
+                best_path = folder / best_path.name
+            if _is_checkpoint_entry(best_path):
+                candidates.append((wanted.index(cb_state["monitor"]), -last.stat().st_mtime, best_path))
+    return min(candidates)[2] if candidates else None
+
+
+LIGHTNING_KEYS = ("pytorch-lightning_version", "state_dict")
 
 
 def check_checkpoint_file(path: Path) -> None:
     """A missing, non-checkpoint or truncated file is one line naming it (a torch zip's central directory sits at
-    its end, so truncation is caught without reading the tensors). FSDP2 checkpoint folders pass through."""
+    its end, so truncation is caught without reading the tensors), and so is a torch file that is not a Lightning
+    checkpoint (e.g. a bare ``state_dict``): its entries are read with the tensors memory-mapped. FSDP2
+    checkpoint folders are checked by their ``meta.pt``."""
     from nvr.modeling.export import is_distributed_checkpoint
 
     if is_distributed_checkpoint(path):
+        meta = _checkpoint_meta(path)
+        if "pytorch-lightning_version" not in meta:
+            raise InputError("not a Lightning checkpoint folder (meta.pt has no pytorch-lightning_version)", path)
         return
     if not path.exists():
         raise InputError("no such checkpoint file (--ckpt_path)", path)
@@ -197,6 +335,10 @@ def check_checkpoint_file(path: Path) -> None:
         raise InputError(f"truncated or not a torch checkpoint ({err})", path) from err
     if bad or not any(n.endswith("data.pkl") for n in names):
         raise InputError("truncated or not a torch checkpoint (incomplete archive)", path)
+    missing = [k for k in LIGHTNING_KEYS if k not in _checkpoint_meta(path)]
+    if missing:
+        raise InputError(f"not a Lightning checkpoint (no {' / '.join(missing)}): a bare state_dict or another "
+                         "tool's file? --ckpt_path takes a .ckpt written by `nvr fit`", path)
 
 
 def main(argv: list[str]) -> int:

@@ -30,7 +30,10 @@ from nvr.utils.preflight import check_output_file
 from nvr.utils.yamlcheck import check_yaml_file, config_paths
 
 _EXTRA = ("config", "preset", "export", "export_path", "print_config")
-EXPORTS = {"st": "sentence_transformers.jsonl", "flag": "flagembedding.jsonl"}
+EXPORTS = {"st": "sentence_transformers.jsonl", "st_triplet": "sentence_transformers_triplet.jsonl",
+           "flag": "flagembedding.jsonl"}
+"""``--export`` choices and their default file inside the output folder (st = n-tuple: rows with fewer than
+num_negatives negatives are dropped; st_triplet = one row per negative, short rows kept)."""
 
 
 def build_parser() -> ArgumentParser:
@@ -38,7 +41,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with MineConfig fields")
     parser.add_argument("--preset", type=str, default=None,
                         help=f"filter+sampler preset (later options win): {', '.join(PRESETS)}")
-    parser.add_argument("--export", type=str, default=None, choices=[None, *EXPORTS], help="also export: st | flag")
+    parser.add_argument("--export", type=str, default=None, choices=[None, *EXPORTS],
+                        help="also export: st (n-tuple) | st_triplet | flag")
     parser.add_argument("--export_path", type=str, default=None, help="export file (default: inside output_dir)")
     parser.add_class_arguments(MineConfig)
     return parser
@@ -64,7 +68,7 @@ def expand_presets(argv: list[str]) -> tuple[list[str], str | None]:
         arg = argv[i]
         if arg == "--preset" or arg.startswith("--preset="):
             if arg == "--preset":
-                if i + 1 >= len(argv):
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                     raise ConfigError("preset", f"expected a preset name: {', '.join(PRESETS)}")
                 name, i = argv[i + 1], i + 2
             else:
@@ -126,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         from nvr.mining.export import to_flagembedding, to_sentence_transformers
 
         target = Path(extra["export_path"] or out / EXPORTS[extra["export"]])
-        if extra["export"] == "st":
-            counts = to_sentence_transformers(out, target, overwrite=cfg.overwrite)
+        if extra["export"] in ("st", "st_triplet"):
+            fmt = "triplet" if extra["export"] == "st_triplet" else "n-tuple"
+            counts = to_sentence_transformers(out, target, overwrite=cfg.overwrite, output_format=fmt)
         else:
             counts = to_flagembedding(out, target, overwrite=cfg.overwrite)
         print(f"exported {extra['export']} -> {target} {counts}")

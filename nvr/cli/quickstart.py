@@ -17,6 +17,8 @@ from nvr.utils.atomic import write_text_atomic
 
 EMBEDDED_DATA = Path(__file__).resolve().parents[1] / "resources" / "cranfield"
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+PASSAGE_MAX_LENGTH = 256
+"""Passage max length of both the teacher and the evaluation: equal settings share one corpus encode."""
 
 
 @dataclass
@@ -56,18 +58,22 @@ def build(args: QuickstartArgs):
     from nvr.modeling.config import EmbedderConfig
     from nvr.training.datamodule import MinedDataModule
     from nvr.training.module import BiEncoderModule
+    from nvr.utils.precision import bf16_supported
 
     out = Path(args.output)
+    # one precision for mining and validation (bf16 where this CPU runs it natively), so the base model's
+    # validation reads the corpus embeddings mining wrote (same model, pooling, passage prefix and max length 256)
+    precision = "bf16-mixed" if bf16_supported("cpu") else "32-true"
     mining = MineConfig(
         data=DataSource(beir_dir=args.data, split="train"),
         teachers=[TeacherConfig(name="minilm", model_name_or_path=args.model, query_max_length=64,
-                                passage_max_length=256, batch_size=64)],
+                                passage_max_length=PASSAGE_MAX_LENGTH, batch_size=64, dtype="auto", device="cpu")],
         num_negatives=args.num_negatives,
         filter=FilterConfig(method="topk_percpos", perc=0.95), seed=args.seed, cache_dir=str(out / "cache"),
         overwrite=True,
     )
     eval_set = EvalSetConfig(name=dataset_name(args.data), path=args.data, split="test", query_max_length=64,
-                             passage_max_length=256)
+                             passage_max_length=PASSAGE_MAX_LENGTH)
     L.seed_everything(args.seed, workers=True, verbose=False)
     module = BiEncoderModule(embedder=EmbedderConfig(model_name_or_path=args.model, pooling="mean", normalize=True),
                              temperature=0.05, lr=args.lr, warmup_steps=max(1, args.max_steps // 10))
@@ -76,8 +82,9 @@ def build(args: QuickstartArgs):
                            eval_sets=[eval_set], eval_batch_size=64)
     trainer = L.Trainer(
         # validation runs only in the explicit before/after calls, not during fit (each costs a corpus encode)
-        accelerator="cpu", devices=1, max_steps=args.max_steps, check_val_every_n_epoch=10**6,
-        callbacks=[RetrievalEvaluator()], logger=CSVLogger(str(out), name="logs"), default_root_dir=str(out),
+        accelerator="cpu", devices=1, max_steps=args.max_steps, check_val_every_n_epoch=10**6, precision=precision,
+        callbacks=[RetrievalEvaluator(cache_dir=mining.cache_dir)],
+        logger=CSVLogger(str(out), name="logs"), default_root_dir=str(out),
         enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=5, enable_model_summary=False,
     )
     return module, data, trainer

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -431,6 +432,17 @@ def _check_known(
     qid: str, doc_id: str, corpus: Corpus | None, queries: Queries | None, path: Path, line_no: int
 ) -> None:
     if queries is not None and qid not in queries.index:
-        raise InputError(f"unknown query id {qid!r} (not in the queries file)", path, line_no)
+        raise InputError(f"unknown query id {qid!r} (not in the queries file{_near_miss(qid, queries.index)})",
+                         path, line_no)
     if corpus is not None and doc_id not in corpus.index:
-        raise InputError(f"unknown corpus id {doc_id!r} (not in the corpus file)", path, line_no)
+        raise InputError(f"unknown corpus id {doc_id!r} (not in the corpus file{_near_miss(doc_id, corpus.index)})",
+                         path, line_no)
+
+
+def _near_miss(value: str, index: Mapping[str, int]) -> str:
+    """``"; it has 'd1': ids are compared exactly"`` when ``value`` matches a known id once invisible characters
+    (zero-width spaces, BOMs, other Unicode format characters) and whitespace are removed; else ``""``."""
+    cleaned = "".join(ch for ch in value if unicodedata.category(ch) != "Cf").strip()
+    if cleaned != value and cleaned in index:
+        return f"; it has {cleaned!r}: ids are compared exactly, and this one has invisible characters"
+    return ""

@@ -28,6 +28,8 @@ class _QueryEntry:
     text: str
     line: int
     doc_ids: list[str] = field(default_factory=list)
+    names: set[str] = field(default_factory=set)
+    """How the rows merged here named their query: each explicit ``query_id``, or (without one) the exact text."""
 
     def add(self, doc_id: str) -> None:
         if doc_id not in self.doc_ids:
@@ -72,6 +74,7 @@ class _PairsBuilder:
             entry = by_id if by_id is not None else _QueryEntry(qid, query, line)
             self.by_text[key] = entry
         self.by_id.setdefault(qid, entry)
+        entry.names.add(f"id:{raw_id}" if raw_id is not None else f"text:{query}")
         return entry
 
     def _query_id(self, raw_id: Any, key: str, line: int) -> str:
@@ -126,8 +129,25 @@ class _PairsBuilder:
         return self.current_corpus().ids[row]
 
 
+@dataclass
+class Pairs:
+    """What :func:`read_pairs` returns; ``merged_queries`` counts the distinct query ids (or, for rows without an
+    id, distinct exact texts) that were merged with another one because their normalized texts are equal."""
+
+    queries: Queries
+    positives: dict[str, list[str]]
+    corpus: Corpus
+    merged_queries: int = 0
+
+
 def load_pairs(path: str | Path, corpus: Corpus | None = None) -> tuple[Queries, dict[str, list[str]], Corpus]:
-    """Read training pairs; return ``(queries, {qid: [doc ids]}, corpus)``.
+    """``(queries, {qid: [doc ids]}, corpus)`` of :func:`read_pairs`."""
+    pairs = read_pairs(path, corpus)
+    return pairs.queries, pairs.positives, pairs.corpus
+
+
+def read_pairs(path: str | Path, corpus: Corpus | None = None) -> Pairs:
+    """Read training pairs: queries, ``{qid: [doc ids]}``, the corpus and how many queries were merged.
 
     ``corpus`` is not modified: when positives must be added, the returned corpus is a copy that contains them
     (otherwise it is ``corpus`` itself). Without a corpus, one is built from the positive texts. Query ids come from
@@ -145,7 +165,8 @@ def load_pairs(path: str | Path, corpus: Corpus | None = None) -> tuple[Queries,
     entries = list(builder.by_text.values())
     queries = Queries([e.qid for e in entries], [e.text for e in entries])
     positives = {e.qid: list(e.doc_ids) for e in entries}
-    return queries, positives, builder.current_corpus()
+    merged = sum(len(e.names) for e in entries if len(e.names) > 1)
+    return Pairs(queries, positives, builder.current_corpus(), merged)
 
 
 def _text_key_index(corpus: Corpus) -> dict[str, int]:

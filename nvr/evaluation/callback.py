@@ -5,13 +5,25 @@ all ranks, which FSDP needs). At epoch end the embeddings are all-gathered padde
 aborts on unequal shapes), de-duplicated by sample index (the sampler pads by repeating samples), searched
 exactly, and scored with ``evaluate_run`` on rank 0; the scores are broadcast so every rank logs identical
 values and ``ModelCheckpoint(monitor="val/ndcg@10")`` behaves the same everywhere.
+
+Frozen base weights share the embedding cache with mining and ``nvr eval`` (one corpus encode per model and
+settings): when validation runs before any optimizer step (``global_step == 0``, no checkpoint to restore) and the
+module's weights are bit-identical to the model a dense teacher with the same settings would load (compared by
+``Embedder.fingerprint`` over every tensor, the tokenizer and the pooling settings: a LoRA adapter, a latent-attention
+head, a warm start or quantization all differ or are refused), the corpus key is the teacher's
+(:func:`nvr.teachers.dense.dense_embedding_key`, precision from ``trainer.precision``). A cached corpus is then
+attached to the eval set in ``setup`` so :func:`~nvr.evaluation.data.build_eval_dataloaders` leaves its corpus loader
+out, and a corpus the loop did encode is written to the cache. Trained weights never read or write it.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -19,9 +31,17 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
-from nvr.evaluation.data import KINDS, EvalSet, EvalTextDataset
+from nvr.evaluation.data import KINDS, CachedCorpus, EvalSet, EvalTextDataset
 from nvr.evaluation.retrieval import evaluate_embeddings, mean_over_datasets, metric_names
 from nvr.utils.errors import NvrError
+from nvr.utils.precision import AUTOCAST_BF16
+
+log = logging.getLogger(__name__)
+
+TRAINER_PRECISION_LABELS = {"32-true": "float32", "32": "float32", "bf16-mixed": AUTOCAST_BF16}
+"""``trainer.precision`` -> the precision label of the embeddings validation computes (``Precision.label``)."""
+_REUSABLE_POOLING = ("mean", "cls", "last_token")
+"""Poolings without weights: a dense teacher loading the same folder builds the identical head."""
 
 # Rows gathered per collective call: bounds the device memory of one gather to world * rows * dim floats.
 GATHER_CHUNK_ROWS = 8192
@@ -95,7 +115,11 @@ class RetrievalEvaluator(Callback):
         search_memory_mb: int = 512,
         log_prefix: str = "val",
         main_metric: str = "ndcg@10",
+        cache_dir: str | None = None,
+        reuse_frozen_cache: bool = True,
     ) -> None:
+        """``cache_dir``: the embedding cache shared with mining (default: the datamodule's ``mining.cache_dir``);
+        ``reuse_frozen_cache``: read / write it for frozen base weights (see the module docstring)."""
         if not k_values or min(k_values) <= 0:
             raise ValueError(f"k_values must be positive, got {tuple(k_values)}")
         self.k_values = tuple(sorted(set(int(k) for k in k_values)))
@@ -106,6 +130,65 @@ class RetrievalEvaluator(Callback):
         self.main_metric = main_metric
         self.last_metrics: dict[str, dict[str, float]] = {}
         self._buffers: dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        self.cache_dir = cache_dir
+        self.reuse_frozen_cache = reuse_frozen_cache
+        self._reference: dict[str, str] = {}
+        """Model key -> ``Embedder.fingerprint`` of the model a teacher would load (computed once)."""
+        self.corpus_encodes_skipped = 0
+        """Corpora served from the shared cache instead of being encoded by the loop (for logs and tests)."""
+
+    # -- shared cache for frozen base weights -------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Attach cached corpus embeddings to the datamodule's eval sets when the weights are the frozen base
+        model (before the dataloaders are built, so the corpus loaders can be left out); clear them otherwise."""
+        sets = _datamodule_eval_sets(trainer)
+        for eval_set in sets:
+            eval_set.cached_corpus = None
+        if not sets or stage not in ("validate", "test") or not self.reuse_frozen_cache:
+            return
+        reuse = self._frozen_reuse(trainer, pl_module)
+        for eval_set in sets:
+            found = None if reuse is None else reuse.cache.get(reuse.key(eval_set), eval_set.doc_texts)
+            # every rank must build the same loaders: attach only where every rank found the entry
+            if trainer.strategy.reduce_boolean_decision(found is not None, all=True) and reuse is not None:
+                eval_set.cached_corpus = CachedCorpus(reuse.key(eval_set), np.asarray(found), reuse.tokenizer,
+                                                      reuse.add_eos)
+
+    def _frozen_reuse(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> _FrozenReuse | None:
+        """The shared-cache context when the module's weights are exactly the base model's, else None."""
+        cache_dir = self.cache_dir or getattr(getattr(getattr(trainer, "datamodule", None), "mining", None),
+                                              "cache_dir", None)
+        label = TRAINER_PRECISION_LABELS.get(str(trainer.precision))
+        embedder = getattr(pl_module, "embedder", None)
+        cfg = getattr(embedder, "config", None)
+        if (not self.reuse_frozen_cache or not cache_dir or label is None or cfg is None
+                or trainer.global_step != 0 or getattr(trainer, "ckpt_path", None) is not None
+                or cfg.lora is not None or cfg.quantization is not None or cfg.pooling not in _REUSABLE_POOLING
+                or cfg.dtype != "float32" or cfg.attn_implementation != "sdpa"):
+            return None
+        from nvr.mining.config import TeacherConfig
+        from nvr.modeling.embedder import tokenizer_fingerprint
+        from nvr.teachers.cache import EmbeddingCache
+        from nvr.teachers.dense import load_dense_embedder, teacher_model_fingerprint
+        from nvr.utils.fingerprint import memo_dir_for, model_fingerprint
+        from nvr.utils.precision import Precision
+
+        memo = memo_dir_for(cache_dir)
+        if model_fingerprint(cfg.model_name_or_path, memo) is None:
+            return None  # not a local folder: never download a second copy just to compare
+        tcfg = TeacherConfig(name="validation", model_name_or_path=cfg.model_name_or_path, pooling=cfg.pooling,
+                             normalize=cfg.normalize, add_eos=cfg.add_eos, bidirectional=cfg.bidirectional,
+                             trust_remote_code=cfg.trust_remote_code, dtype="float32")
+        model_key = teacher_model_fingerprint(tcfg, memo, lambda: None, label)
+        if model_key not in self._reference:
+            self._reference[model_key] = load_dense_embedder(tcfg, Precision("float32")).fingerprint()
+        if embedder.fingerprint() != self._reference[model_key]:
+            return None
+        from nvr.modeling.backbone import position_limit
+
+        return _FrozenReuse(EmbeddingCache(Path(cache_dir) / "embeddings"), model_key, tcfg, label,
+                            tokenizer_fingerprint(embedder.tokenizer), cfg.add_eos,
+                            position_limit(getattr(embedder.backbone, "config", None)))
 
     # -- collection (validation and test loops share it; test metrics are logged under ``test/``) ---------------
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -154,7 +237,10 @@ class RetrievalEvaluator(Callback):
             eval_sets = self._eval_sets(loaders)
             if not eval_sets:
                 return
-            per_dataset = self._evaluate(eval_sets, trainer.strategy.root_device)
+            shared = _SharedCorpora(self._frozen_reuse(trainer, pl_module), _corpus_loaders(loaders), pl_module,
+                                    trainer)
+            per_dataset = self._evaluate(eval_sets, trainer.strategy.root_device, shared)
+            self.corpus_encodes_skipped += shared.served
         finally:
             self._buffers.clear()
         self.last_metrics = per_dataset
@@ -180,7 +266,8 @@ class RetrievalEvaluator(Callback):
                 sets.setdefault(dataset.eval_set.name, dataset.eval_set)
         return sets
 
-    def _evaluate(self, eval_sets: dict[str, EvalSet], device: torch.device) -> dict[str, dict[str, float]]:
+    def _evaluate(self, eval_sets: dict[str, EvalSet], device: torch.device,
+                  shared: _SharedCorpora | None = None) -> dict[str, dict[str, float]]:
         """Gather one eval set at a time (all ranks, same order), score it on rank 0, broadcast the scores at the
         end: identical metrics on every rank, and only one set's embeddings held at a time."""
         rank, world = _world()
@@ -189,12 +276,20 @@ class RetrievalEvaluator(Callback):
         for name, eval_set in eval_sets.items():  # insertion order: identical on every rank
             embeddings = {}
             for kind in KINDS:
+                if kind == "corpus" and shared is not None and name not in shared.loaders \
+                        and eval_set.cached_corpus is not None:
+                    # no corpus loader ran: the frozen-base corpus attached in setup (or, if the weights changed
+                    # since, a fresh encode); every rank takes this branch, so the collectives stay aligned
+                    embeddings[kind] = shared.corpus(eval_set) if rank == 0 else np.zeros((eval_set.size(kind), 0))
+                    continue
                 emb, index = self._local(name, kind)
                 all_emb = gather_rows(emb, device)
                 all_index = gather_rows(index, device)
                 if rank != 0:  # only rank 0 searches; the others just check completeness (same error everywhere)
                     all_emb = all_emb[:, :0]
                 embeddings[kind] = deduplicate(all_emb, all_index, eval_set.size(kind), f"{kind} of eval set '{name}'")
+                if kind == "corpus" and rank == 0 and shared is not None:
+                    shared.store(eval_set, embeddings[kind])
             if rank == 0 and failure is None:
                 try:
                     per_dataset[name] = evaluate_embeddings(
@@ -217,3 +312,86 @@ class RetrievalEvaluator(Callback):
         if not chunks:
             return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
         return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+
+
+@dataclass
+class _FrozenReuse:
+    """Where and under which key frozen base weights share corpus embeddings with a dense teacher."""
+
+    cache: object
+    model_key: str
+    teacher: object
+    label: str
+    tokenizer: str
+    """``tokenizer_fingerprint`` of the module's tokenizer (the loop's must match for its output to be stored)."""
+    add_eos: bool
+    position_limit: int | None = None
+    """The model's position limit: lengths above it are clamped (teachers key on the clamped length, and the module
+    clamps the eval sets only in its own ``setup``, after this callback's)."""
+
+    def key(self, eval_set: EvalSet) -> str:
+        from nvr.teachers.dense import dense_embedding_key
+
+        cfg = eval_set.config
+        length = cfg.passage_max_length
+        if self.position_limit is not None:
+            length = min(length, self.position_limit)
+        return dense_embedding_key(self.model_key, self.teacher, cfg.passage_prefix, length, self.label)
+
+
+class _SharedCorpora:
+    """Per epoch end: serve attached corpora (loader left out) and store loop-encoded ones (frozen base only)."""
+
+    def __init__(self, reuse: _FrozenReuse | None, loaders: dict[str, object], pl_module, trainer) -> None:
+        self.reuse = reuse
+        self.loaders = loaders
+        self.pl_module = pl_module
+        self.trainer = trainer
+        self.served = 0
+
+    def corpus(self, eval_set: EvalSet) -> np.ndarray:
+        cached = eval_set.cached_corpus
+        if cached is not None and self.reuse is not None and self.reuse.key(eval_set) == cached.key:
+            self.served += 1
+            return np.asarray(cached.embeddings)
+        # the weights are no longer the frozen base the cache entry belongs to: encode with the current ones
+        log.warning("eval set '%s': weights changed since the cached corpus was attached; encoding it", eval_set.name)
+        from nvr.modeling.encode import encode_texts
+
+        cfg = eval_set.config
+        with self.trainer.precision_plugin.forward_context():
+            return encode_texts(self.pl_module.embedder, eval_set.doc_texts, prefix=cfg.passage_prefix,
+                                max_length=cfg.passage_max_length, show_progress=False)
+
+    def store(self, eval_set: EvalSet, corpus: np.ndarray) -> None:
+        """Write the loop's corpus embeddings to the shared cache when they are the frozen base model's and were
+        tokenized by the module's own tokenizer (same ids a teacher would feed)."""
+        loader = self.loaders.get(eval_set.name)
+        collate = getattr(loader, "collate_fn", None)
+        if self.reuse is None or collate is None or corpus.size == 0:
+            return
+        from nvr.modeling.embedder import tokenizer_fingerprint
+
+        if getattr(collate, "add_eos", None) != self.reuse.add_eos or \
+                tokenizer_fingerprint(collate.tokenizer) != self.reuse.tokenizer:
+            return
+        self.reuse.cache.put(self.reuse.key(eval_set), eval_set.doc_texts, corpus)
+
+
+def _corpus_loaders(loaders) -> dict[str, object]:
+    """Eval-set name -> its corpus loader, for the loaders this loop actually ran."""
+    if loaders is None:
+        return {}
+    found: dict[str, object] = {}
+    for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+        dataset = getattr(loader, "dataset", None)
+        if isinstance(dataset, EvalTextDataset) and dataset.kind == "corpus":
+            found.setdefault(dataset.eval_set.name, loader)
+    return found
+
+
+def _datamodule_eval_sets(trainer: pl.Trainer) -> list[EvalSet]:
+    """The datamodule's loaded eval sets (``MinedDataModule.eval_sets``), the objects its loaders are built from."""
+    sets = getattr(getattr(trainer, "datamodule", None), "eval_sets", None)
+    values = sets.values() if isinstance(sets, dict) else (sets or [])
+    return [s for s in values if isinstance(s, EvalSet)]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -65,6 +66,18 @@ class EvalSetConfig:
 
 
 @dataclass
+class CachedCorpus:
+    """Corpus embeddings of frozen base weights, read from the cache shared with mining (set by the evaluator's
+    ``setup``); valid only for loaders that tokenize like the encoder that produced them."""
+
+    key: str
+    embeddings: np.ndarray
+    tokenizer: str
+    """``tokenizer_fingerprint`` of the tokenizer the embeddings were computed with."""
+    add_eos: bool
+
+
+@dataclass
 class EvalSet:
     """A loaded BEIR split, reduced to what retrieval evaluation needs (positions in these lists are the indices)."""
 
@@ -74,6 +87,8 @@ class EvalSet:
     doc_ids: list[str]
     doc_texts: list[str]
     qrels: Qrels
+    cached_corpus: CachedCorpus | None = None
+    """When set (frozen base weights only), :func:`build_eval_dataloaders` leaves the corpus loader out."""
 
     @property
     def name(self) -> str:
@@ -176,15 +191,28 @@ def build_eval_dataloaders(
     num_workers: int = 0,
 ) -> list[DataLoader]:
     """Per set: its queries loader then its corpus loader, unshuffled; the evaluator finds the sets through
-    ``loader.dataset.eval_set``."""
+    ``loader.dataset.eval_set``. The corpus loader is left out for a set whose ``cached_corpus`` (frozen base
+    weights, attached by the evaluator) was computed with this tokenizer and EOS setting."""
     if batch_size <= 0:
         raise ConfigError("batch_size", f"must be > 0, got {batch_size}")
     sets = list(eval_sets.values()) if isinstance(eval_sets, dict) else list(eval_sets)
     loaders = []
     for eval_set in sets:
         for kind in KINDS:
+            if kind == "corpus" and _corpus_is_cached(eval_set, tokenizer, add_eos):
+                continue  # the evaluator takes the frozen base model's cached corpus embeddings instead
             loaders.append(DataLoader(
                 EvalTextDataset(eval_set, kind), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                 collate_fn=EvalCollator(eval_set, kind, tokenizer, add_eos),
             ))
     return loaders
+
+
+def _corpus_is_cached(eval_set: EvalSet, tokenizer, add_eos: bool) -> bool:
+    """True when the set carries cached corpus embeddings made with this very tokenizer and EOS setting."""
+    cached = eval_set.cached_corpus
+    if cached is None or cached.add_eos != add_eos:
+        return False
+    from nvr.modeling.embedder import tokenizer_fingerprint
+
+    return tokenizer_fingerprint(tokenizer) == cached.tokenizer

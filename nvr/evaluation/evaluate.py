@@ -1,9 +1,14 @@
 """``nvr eval``: evaluate any HF model or exported folder on BEIR folders, with cached corpus embeddings.
 
-Corpus embeddings go through :class:`nvr.teachers.cache.EmbeddingCache` (checksummed: a corrupted cached file is
-re-encoded, never used), keyed by ``Embedder.fingerprint`` (weights + tokenizer + pooling/normalize/dtype/EOS/
-attention settings) and every passage encoding setting (prefix, max length), so re-evaluating the same model (e.g.
-with another query instruction) only encodes the queries while a copy with another tokenizer is re-encoded.
+Corpus embeddings go through :class:`nvr.teachers.cache.EmbeddingCache` under ``<cache_dir>/embeddings`` (checksummed:
+a corrupted cached file is re-encoded, never used) with THE key a dense teacher of the same model and settings uses
+(:func:`nvr.teachers.dense.dense_embedding_key`: content of the model folder incl. tokenizer files, pooling,
+normalize, EOS, attention direction, resolved precision, passage prefix and max length). So ``nvr eval`` and
+``nvr mine`` with the same ``cache_dir`` encode a corpus once, re-evaluating the same model (e.g. with another query
+instruction) only encodes the queries, and a copy with another tokenizer is re-encoded.
+
+``dtype: auto`` (default) runs the fp32 weights under bf16 autocast where the device has native bf16
+(``nvr.utils.precision``), fp32 elsewhere; ``float32`` gives exact parity with an fp32 reference.
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ import numpy as np
 from nvr.data.beir import beir_files
 from nvr.evaluation.data import EvalSet, EvalSetConfig, load_eval_set
 from nvr.evaluation.retrieval import evaluate_embeddings, mean_over_datasets
+from nvr.mining.config import TeacherConfig
 from nvr.modeling.config import EmbedderConfig
-from nvr.teachers.cache import EmbeddingCache, embedding_key
+from nvr.teachers.cache import EmbeddingCache
+from nvr.teachers.dense import dense_embedding_key, teacher_model_fingerprint
 from nvr.utils.atomic import write_text_atomic
 from nvr.utils.errors import ConfigError, InputError, OutputExistsError
+from nvr.utils.fingerprint import memo_dir_for
 from nvr.utils.models import resolve_model_path
+from nvr.utils.precision import Precision, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -133,34 +142,73 @@ def resolve_settings(
     return settings
 
 
-def build_embedder(model: str, settings: ModelSettings, device: str | None = None):
-    """An eval-mode Embedder: an nvr folder (``nvr_embedder.json``) is reloaded with its own config (LoRA,
-    latent pooling...), anything else is built from an EmbedderConfig; explicit settings override both."""
+def pick_eval_device(device: str | None) -> str:
+    """``None`` -> cuda when available, else cpu."""
+    if device is not None:
+        return device
     import torch
 
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_embedder(model: str, settings: ModelSettings, device: str | None = None, dtype: str = "float32"):
+    """An eval-mode Embedder: an nvr folder (``nvr_embedder.json``) is reloaded with its own config (LoRA,
+    latent pooling...), anything else is built from an EmbedderConfig; explicit settings override both.
+    ``dtype`` is the weights' dtype (``Precision.weights``: fp32 under ``dtype: auto``)."""
     from nvr.modeling.embedder import Embedder
 
     path = resolve_model_path(model)
     overrides = {k: v for k, v in (("pooling", settings.pooling), ("normalize", settings.normalize),
                                    ("max_length", settings.max_length)) if v is not None}
+    overrides["dtype"] = dtype
     if (Path(path) / METADATA_FILE).is_file():
         embedder = Embedder.from_pretrained(path, **overrides)
     else:
         embedder = Embedder.from_config(EmbedderConfig(model_name_or_path=model, **overrides))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return embedder.eval().to(device)
+    return embedder.eval().to(pick_eval_device(device))
 
 
-def _encoder(embedder, prefix: str, max_length: int, batch_size: int, mask_prefix: bool,
+@dataclass
+class EncodeOptions:
+    """How ``nvr eval`` runs the encoder: batch size, token budget per batch, resolved precision."""
+
+    batch_size: int = 64
+    max_tokens_per_batch: int | None = None
+    precision: Precision = Precision("float32")
+
+
+def _encoder(embedder, prefix: str, max_length: int, options: EncodeOptions, mask_prefix: bool,
              desc: str) -> Callable[[list[str]], np.ndarray]:
-    from nvr.modeling.encode import encode_texts
+    from nvr.modeling import encode as encode_module  # looked up at call time (tests count the calls)
 
     def encode(texts: list[str]) -> np.ndarray:
-        return encode_texts(embedder, texts, prefix=prefix, max_length=max_length, batch_size=batch_size,
-                            mask_prefix=mask_prefix, desc=desc)
+        return encode_module.encode_texts(
+            embedder, texts, prefix=prefix, max_length=max_length, batch_size=options.batch_size,
+            mask_prefix=mask_prefix, desc=desc, precision=options.precision,
+            max_tokens_per_batch=options.max_tokens_per_batch,
+        )
 
     return encode
+
+
+def teacher_config_for(model: str, embedder, passage_prefix: str, passage_max_length: int,
+                       dtype: str) -> TeacherConfig:
+    """The dense teacher that encodes passages exactly as this evaluation does (its keys are the eval's keys)."""
+    cfg = embedder.config
+    return TeacherConfig(
+        name="eval", model_name_or_path=model, pooling=cfg.pooling, normalize=cfg.normalize, add_eos=cfg.add_eos,
+        bidirectional=cfg.bidirectional, trust_remote_code=cfg.trust_remote_code, passage_prefix=passage_prefix,
+        passage_max_length=passage_max_length, dtype=dtype,
+    )
+
+
+def passage_cache_key(model: str, embedder, passage_prefix: str, passage_max_length: int, precision: Precision,
+                      dtype: str, cache_dir: str | Path | None) -> str:
+    """The embedding key of this corpus encoding: :func:`nvr.teachers.dense.dense_embedding_key` of the
+    equivalent teacher (model folder content memoized under ``<cache_dir>/fingerprints``)."""
+    tcfg = teacher_config_for(model, embedder, passage_prefix, passage_max_length, dtype)
+    model_key = teacher_model_fingerprint(tcfg, memo_dir_for(cache_dir), lambda: embedder, precision.label)
+    return dense_embedding_key(model_key, tcfg, passage_prefix, passage_max_length, precision.label)
 
 
 def evaluate_model(
@@ -176,6 +224,8 @@ def evaluate_model(
     max_length: int | None = None,
     query_max_length: int | None = None,
     batch_size: int = 64,
+    max_tokens_per_batch: int | None = None,
+    dtype: str = "auto",
     k_values: Sequence[int] = (10, 100),
     search_memory_mb: int = 512,
     cache_dir: str | None = ".nvr_cache",
@@ -192,6 +242,8 @@ def evaluate_model(
         raise ConfigError("beir", "give at least one BEIR folder")
     if batch_size <= 0:
         raise ConfigError("batch_size", f"must be > 0, got {batch_size}")
+    if max_tokens_per_batch is not None and max_tokens_per_batch <= 0:
+        raise ConfigError("max_tokens_per_batch", f"must be > 0 or unset, got {max_tokens_per_batch}")
     if output is not None and Path(output).exists() and not overwrite:
         raise OutputExistsError(output)
     for folder in beir_dirs:  # a typo in the last --beir must not cost a model load and the first encodes
@@ -200,14 +252,22 @@ def evaluate_model(
                                 max_length=max_length, query_instruction=query_instruction,
                                 passage_prefix=passage_prefix, mask_instruction=mask_instruction)
     started = time.perf_counter()
-    embedder = build_embedder(model, settings, device)
-    fingerprint = embedder.fingerprint()
-    cache = EmbeddingCache(cache_dir) if cache_dir else None
+    device = pick_eval_device(device)
+    precision = resolve_precision(dtype, device)
+    embedder = build_embedder(model, settings, device, precision.weights)
+    options = EncodeOptions(batch_size, max_tokens_per_batch, precision)
+    cache = EmbeddingCache(Path(cache_dir) / "embeddings") if cache_dir else None
     configs = _eval_set_configs(beir_dirs, split, settings, embedder.config.max_length, query_max_length)
     eval_sets = [load_eval_set(cfg) for cfg in configs]
     per_dataset: dict[str, dict[str, float]] = {}
+    keys: dict[str, str] = {}
     for eval_set in eval_sets:
-        queries, docs = encode_eval_set(eval_set, embedder, batch_size, cache, fingerprint)
+        key = None
+        if cache is not None:
+            key = passage_cache_key(model, embedder, eval_set.config.passage_prefix,
+                                    eval_set.config.passage_max_length, precision, dtype, cache_dir)
+            keys[eval_set.name] = key
+        queries, docs = encode_eval_set(eval_set, embedder, options, cache, key)
         per_dataset[eval_set.name] = evaluate_embeddings(queries, docs, eval_set.query_ids, eval_set.doc_ids,
                                                          eval_set.qrels, k_values, search_memory_mb)
     result = {
@@ -216,7 +276,7 @@ def evaluate_model(
         "settings": {"pooling": embedder.config.pooling, "normalize": embedder.config.normalize,
                      "query_prefix": settings.query_prefix, "passage_prefix": settings.passage_prefix,
                      "mask_instruction": settings.mask_instruction, "max_length": embedder.config.max_length,
-                     "fingerprint": fingerprint},
+                     "dtype": precision.label, "corpus_embedding_keys": keys},
         "datasets": per_dataset,
         "mean": mean_over_datasets(per_dataset),
         "timing_s": {"total": round(time.perf_counter() - started, 3)},
@@ -243,21 +303,17 @@ def _eval_set_configs(beir_dirs: Sequence[str], split: str, settings: ModelSetti
     return configs
 
 
-def encode_eval_set(eval_set: EvalSet, embedder, batch_size: int, cache: EmbeddingCache | None,
-                    fingerprint: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(query embeddings, corpus embeddings); the corpus goes through the cache when one is given."""
+def encode_eval_set(eval_set: EvalSet, embedder, options: EncodeOptions, cache: EmbeddingCache | None,
+                    key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(query embeddings, corpus embeddings); the corpus goes through the cache under ``key`` when both are given."""
     cfg = eval_set.config
-    encode_queries = _encoder(embedder, cfg.query_text_prefix, cfg.query_max_length, batch_size,
+    encode_queries = _encoder(embedder, cfg.query_text_prefix, cfg.query_max_length, options,
                               cfg.mask_instruction, f"{eval_set.name} queries")
-    encode_docs = _encoder(embedder, cfg.passage_prefix, cfg.passage_max_length, batch_size, False,
+    encode_docs = _encoder(embedder, cfg.passage_prefix, cfg.passage_max_length, options, False,
                            f"{eval_set.name} corpus")
     queries = encode_queries(eval_set.query_texts)
-    if cache is None:
+    if cache is None or key is None:
         return queries, encode_docs(eval_set.doc_texts)
-    model_cfg = embedder.config
-    key = embedding_key(fingerprint or embedder.fingerprint(), model_cfg.pooling, cfg.passage_prefix,
-                        cfg.passage_max_length, model_cfg.dtype, normalize=model_cfg.normalize,
-                        add_eos=model_cfg.add_eos, role="passage")
     docs = cache.get_or_encode(key, eval_set.doc_texts, encode_docs, shard_size=CORPUS_SHARD_SIZE)
     return queries, np.asarray(docs)
 

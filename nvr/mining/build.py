@@ -26,7 +26,7 @@ from nvr.utils.locking import exclusive_lock
 
 log = logging.getLogger(__name__)
 
-EXCLUSION_RULES = "positives+text-duplicates+query-text+excluded-ids/1"
+EXCLUSION_RULES = "positives+text-duplicates+query-text(passage or body)+excluded-ids/2"
 """Which candidates ``mark_positives`` flags; part of the table cache key, so a change of the rules (e.g. adding the
 query-text rule) never serves a table flagged under the old ones."""
 
@@ -172,9 +172,32 @@ def mark_positives(
     for e in range(excluded_idx.shape[1]):
         flagged |= (cand_idx == excluded_idx[:, e : e + 1]) & (excluded_idx[:, e : e + 1] >= 0)
     if query_texts is not None:
-        query_key = np.array([key_ids.get(text_key(t), -3) for t in query_texts], dtype=np.int64)
+        query_keys = [text_key(t) for t in query_texts]
+        query_key = np.array([key_ids.get(k, -3) for k in query_keys], dtype=np.int64)
         flagged |= cand_key == query_key[:, None]
+        body_key, body_ids = _body_keys(corpus, cand_idx)  # "title text" differs, but the body is the query
+        cand_body = np.where(cand_idx >= 0, body_key[np.maximum(cand_idx, 0)], -1)
+        query_body = np.array([body_ids.get(k, -3) for k in query_keys], dtype=np.int64)
+        flagged |= cand_body == query_body[:, None]
     return flagged
+
+
+def _body_keys(corpus: Corpus, cand_idx: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+    """Like ``_doc_keys`` over the body text alone (no title); docs with an empty body get ``-1``."""
+    docs = np.unique(cand_idx.ravel())
+    key_ids: dict[str, int] = {}
+    body_key = np.full(len(corpus), -1, dtype=np.int64)
+    for d in docs[docs >= 0]:
+        body = corpus.texts[int(d)]
+        if body.strip():
+            body_key[d] = key_ids.setdefault(text_key(body), len(key_ids))
+    return body_key, key_ids
+
+
+def equals_query(corpus: Corpus, doc: int, query_key: str) -> bool:
+    """True when the doc's passage ("title text") or its body alone has the query's ``text_key``."""
+    body = corpus.texts[doc]
+    return text_key(corpus.passage(doc)) == query_key or (bool(body.strip()) and text_key(body) == query_key)
 
 
 def exclusion_reasons(
@@ -208,7 +231,7 @@ def exclusion_reasons(
             continue
         if corpus.ids[doc] in set(excluded.get(table.query_ids[r], ())):
             out[r, c] = Reason.JUDGED_RELEVANT
-        elif key_of(doc) == text_key(query_texts[r]):
+        elif equals_query(corpus, doc, text_key(query_texts[r])):
             out[r, c] = Reason.QUERY_TEXT
     return out
 

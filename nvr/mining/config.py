@@ -18,10 +18,12 @@ EnsembleMethod = Literal["none", "cross_sample", "intra_sample_dedup", "intra_sa
 AnchorPolicy = Literal["min", "mean", "max"]
 ShortfallPolicy = Literal["drop", "keep_short"]
 Pooling = Literal["mean", "cls", "last_token"]
-DType = Literal["float32", "bfloat16", "float16"]
-TEACHER_RUNTIME_KEYS = ("shard_size",)
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+TEACHER_RUNTIME_KEYS = ("shard_size", "max_tokens_per_batch")
 """TeacherConfig fields that change how the work is cut up, never its result: left out of every fingerprint of a
 mining job (manifest config, mined-set cache key), so setting them keeps existing caches and mined sets valid."""
+CROSS_ENCODER_RUNTIME_KEYS = ("max_tokens_per_batch",)
+"""CrossEncoderConfig fields that only change how the work is cut up (same rule as ``TEACHER_RUNTIME_KEYS``)."""
 
 
 def check_finite(obj: object, prefix: str) -> None:
@@ -46,7 +48,8 @@ class DataSource:
     corpus_file: str | None = None
     """Corpus JSONL for ``pairs_file`` mode (defaults to beir_dir/corpus.jsonl)."""
     min_relevance: int = 1
-    """Qrels grade at or above which a document counts as positive."""
+    """Qrels grade at or above which a document counts as positive (>= 1: grade 0 and below mean "judged not
+    relevant")."""
     exclude_judged: bool = True
     """Never mine a document judged relevant (grade > 0) to the query as its negative, even below
     ``min_relevance`` (false: such documents may be negatives)."""
@@ -56,6 +59,9 @@ class DataSource:
     def __post_init__(self) -> None:
         if self.beir_dir is None and self.pairs_file is None:
             raise ConfigError("data", "set data.beir_dir or data.pairs_file")
+        if self.min_relevance < 1:
+            raise ConfigError("data.min_relevance", f"must be >= 1 (grade 0 and below mean \"judged not relevant\"), "
+                                                    f"got {self.min_relevance}")
         if self.max_queries is not None and self.max_queries <= 0:
             raise ConfigError("data.max_queries", f"must be > 0, got {self.max_queries}")
 
@@ -84,7 +90,14 @@ class TeacherConfig:
     query_max_length: int = 512
     passage_max_length: int = 512
     batch_size: int = 32
-    dtype: DType = "float32"
+    max_tokens_per_batch: int | None = None
+    """Cap on padded tokens per encode batch (batches are length-sorted; ``batch_size`` still caps the rows), so a
+    long-tailed corpus neither runs out of memory nor pads short texts to long ones. Not part of any cache key:
+    it changes how the work is cut, not the embeddings (equal within float rounding)."""
+    dtype: DType = "auto"
+    """``auto``: fp32 weights under bf16 autocast where the device runs bf16 natively (CUDA with bf16, CPUs with
+    avx512_bf16 / amx_bf16), fp32 elsewhere; the resolved dtype is part of the embedding keys and the manifest.
+    ``float32`` for exact parity; ``bfloat16`` / ``float16`` load the weights in that dtype."""
     device: str = "auto"
     """'auto' picks cuda when present, else cpu."""
     shard_size: int = 10000
@@ -98,6 +111,9 @@ class TeacherConfig:
         for key in ("query_max_length", "passage_max_length", "batch_size", "shard_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"teachers[{self.name}].{key}", f"must be > 0, got {getattr(self, key)}")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch <= 0:
+            raise ConfigError(f"teachers[{self.name}].max_tokens_per_batch",
+                              f"must be > 0 or null, got {self.max_tokens_per_batch}")
 
 
 @dataclass
@@ -107,7 +123,10 @@ class CrossEncoderConfig:
     model_name_or_path: str
     max_length: int = 512
     batch_size: int = 64
-    dtype: DType = "float32"
+    max_tokens_per_batch: int | None = None
+    """Cap on padded tokens per scoring batch (pairs are length-sorted); changes no score."""
+    dtype: DType = "auto"
+    """As ``TeacherConfig.dtype``: bf16 autocast where native, else fp32 (the resolved dtype keys the scores)."""
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -116,6 +135,9 @@ class CrossEncoderConfig:
         for key in ("max_length", "batch_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"cross_encoder.{key}", f"must be > 0, got {getattr(self, key)}")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch <= 0:
+            raise ConfigError("cross_encoder.max_tokens_per_batch",
+                              f"must be > 0 or null, got {self.max_tokens_per_batch}")
 
 
 @dataclass

@@ -3,6 +3,9 @@
 - sentence-transformers "n-tuple": ``{"anchor", "positive", "negative_1", ..., "negative_K"}``, one row per
   (query, positive); rows with fewer than K negatives are dropped (an n-tuple dataset needs equal columns) and
   counted. An export that would have no row at all is an error, not an empty file.
+- sentence-transformers "triplet": ``{"anchor", "positive", "negative"}``, one row per (query, positive,
+  negative), so a short row (``keep_short``) still contributes every negative it has; only queries without any
+  negative are dropped and counted.
 - FlagEmbedding: ``{"query", "pos": [...], "neg": [...], "pos_scores": [...], "neg_scores": [...], "prompt"?}``,
   one row per query. Rows without any negative are dropped and counted (FlagEmbedding divides by ``len(neg)``).
   Scores are on ONE scale per row, the teacher that gave the row's negatives: its scores of the positives
@@ -51,14 +54,24 @@ def _write_rows(out_path: str | Path, rows: list[dict], overwrite: bool) -> None
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+ST_FORMATS = ("n-tuple", "triplet")
+
+
 def to_sentence_transformers(
-    mined_dir: str | Path, out_path: str | Path, num_negatives: int | None = None, overwrite: bool = False
-) -> dict[str, int]:
-    """Write the n-tuple JSONL; returns ``{"rows", "dropped_short_rows", "k"}``."""
+    mined_dir: str | Path, out_path: str | Path, num_negatives: int | None = None, overwrite: bool = False,
+    output_format: str = "n-tuple",
+) -> dict[str, int | str]:
+    """Write the n-tuple (default) or triplet JSONL; returns ``{"format", "rows", "dropped_short_rows", "k"}``
+    (triplet: ``dropped_short_rows`` counts the (query, positive) pairs of queries without any negative, and at
+    most ``k`` negatives per query are used)."""
+    if output_format not in ST_FORMATS:
+        raise ConfigError("output_format", f"must be one of {', '.join(ST_FORMATS)}, got {output_format!r}")
     examples = load_mined(mined_dir)
     k = num_negatives if num_negatives is not None else _num_negatives(Path(mined_dir), examples)
     if k <= 0:
-        raise ConfigError("num_negatives", f"must be > 0 for an n-tuple export, got {k}")
+        raise ConfigError("num_negatives", f"must be > 0 for an {output_format} export, got {k}")
+    if output_format == "triplet":
+        return _st_triplets(mined_dir, out_path, examples, k, overwrite)
     rows, dropped = [], 0
     for ex in examples:
         if len(ex.negative_texts) < k:
@@ -72,7 +85,24 @@ def to_sentence_transformers(
                          f"nothing to export; export with num_negatives <= {longest} or re-mine",
                          mined_file(mined_dir))
     _write_rows(out_path, rows, overwrite)
-    return {"rows": len(rows), "dropped_short_rows": dropped, "k": k}
+    return {"format": "n-tuple", "rows": len(rows), "dropped_short_rows": dropped, "k": k}
+
+
+def _st_triplets(
+    mined_dir: str | Path, out_path: str | Path, examples: list[MinedExample], k: int, overwrite: bool
+) -> dict[str, int | str]:
+    rows, dropped = [], 0
+    for ex in examples:
+        if not ex.negative_texts:
+            dropped += len(ex.positive_texts)
+            continue
+        rows += [{"anchor": ex.query, "positive": p, "negative": n}
+                 for p in ex.positive_texts for n in ex.negative_texts[:k]]
+    if not rows:
+        raise InputError(f"no mined row has a negative ({len(examples)} rows): nothing to export; re-mine (e.g. "
+                         "with a looser filter)", mined_file(mined_dir))
+    _write_rows(out_path, rows, overwrite)
+    return {"format": "triplet", "rows": len(rows), "dropped_short_rows": dropped, "k": k}
 
 
 def to_flagembedding(
@@ -80,18 +110,22 @@ def to_flagembedding(
 ) -> dict[str, int | bool]:
     """Write FlagEmbedding fine-tuning JSONL (``prompt`` added when given); see the module doc for the scores.
 
-    Returns ``{"rows", "dropped_without_negatives", "with_scores", "rows_without_comparable_scores"}``.
+    Returns ``{"rows", "dropped_without_negatives", "with_scores", "rows_without_comparable_scores",
+    "score_teachers"}``: ``score_teachers`` names the teacher(s) whose scale the scores are on (each row uses one;
+    several only for ``cross_sample``, which takes each query's negatives from one teacher); empty without scores.
     """
     examples = load_mined(mined_dir)
     raw_positives = [row.get("positives", []) for _, row in iter_jsonl(mined_file(mined_dir))]
     first = _first_teacher(Path(mined_dir), examples)
     rows: list[dict[str, Any]] = []
     scores: list[tuple[list[float], list[float]] | None] = []
+    teachers: set[str] = set()
     for ex, raw in zip(examples, raw_positives):
         if not ex.negative_texts:
             continue
         rows.append({"query": ex.query, "pos": list(ex.positive_texts), "neg": list(ex.negative_texts)})
         scores.append(_row_scores(ex, raw, first))
+        teachers.update(ex.negative_teachers)
     if not rows:
         raise InputError(f"no mined row has a negative ({len(examples)} rows): nothing to export",
                          mined_file(mined_dir))
@@ -103,7 +137,7 @@ def to_flagembedding(
             row["prompt"] = prompt
     _write_rows(out_path, rows, overwrite)
     return {"rows": len(rows), "dropped_without_negatives": len(examples) - len(rows), "with_scores": unscored == 0,
-            "rows_without_comparable_scores": unscored}
+            "rows_without_comparable_scores": unscored, "score_teachers": sorted(teachers) if unscored == 0 else []}
 
 
 def _first_teacher(mined_dir: Path, examples: Sequence[MinedExample]) -> str | None:

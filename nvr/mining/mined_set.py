@@ -87,16 +87,18 @@ def _parse_row(row: dict[str, Any], path: Path, line: int) -> MinedExample:
     return ex
 
 
-def mined_problem(path: str | Path) -> str | None:
+def mined_problem(path: str | Path, require_manifest: bool = False) -> str | None:
     """None when ``mined.jsonl`` matches the sha256 and row count its ``manifest.json`` records (or there is no
-    manifest to check against, e.g. a hand-made file); else what differs, as one phrase.
+    manifest to check against, e.g. a hand-made file, unless ``require_manifest``); else what differs, as one phrase.
 
     Catches a file truncated (at a line boundary too), edited or replaced after ``nvr mine`` wrote it.
+    ``require_manifest`` (a mined set nvr wrote itself, e.g. a cache entry) also counts a missing manifest, or one
+    without the file's checksum, as a problem.
     """
     file = mined_file(path)
     manifest_path = file.with_name(MANIFEST_FILE)
     if not manifest_path.is_file():
-        return None
+        return f"no {MANIFEST_FILE} next to it to verify it against" if require_manifest else None
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -105,7 +107,7 @@ def mined_problem(path: str | Path) -> str | None:
     if isinstance(record, str):  # older manifests: the digest alone, the row count under counts.written
         record = {"sha256": record, "rows": (manifest.get("counts") or {}).get("written")}
     if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
-        return None
+        return f"{manifest_path} records no checksum of it" if require_manifest else None
     if not file.is_file():
         return "file missing"
     digest, rows = hashlib.sha256(), 0
@@ -115,18 +117,23 @@ def mined_problem(path: str | Path) -> str | None:
             rows += bool(line.strip())
     expected_rows = record.get("rows")
     if isinstance(expected_rows, int) and rows != expected_rows:
-        return (f"{rows} rows but {manifest_path} records {expected_rows}: truncated or edited after mining; "
-                "re-run nvr mine")
+        return f"{rows} rows but {manifest_path} records {expected_rows}: truncated or edited after mining"
     if digest.hexdigest() != record["sha256"]:
-        return f"sha256 differs from the one {manifest_path} records: modified after mining; re-run nvr mine"
+        return f"sha256 differs from the one {manifest_path} records: modified after mining"
     return None
 
 
 def verify_mined(path: str | Path) -> None:
-    """Raise ``InputError`` naming ``mined.jsonl`` when it does not match its manifest (see :func:`mined_problem`)."""
+    """Raise ``InputError`` naming ``mined.jsonl`` when it does not match its manifest (see :func:`mined_problem`).
+
+    The message says how to go on: re-mine, or (for a file edited on purpose) remove the manifest, which then no
+    longer describes the file, to train on it as a hand-made set.
+    """
     problem = mined_problem(path)
     if problem is not None:
-        raise InputError(problem, mined_file(path))
+        manifest_path = mined_file(path).with_name(MANIFEST_FILE)
+        raise InputError(f"{problem}; re-run nvr mine (or, if you edited it on purpose, delete {manifest_path} to "
+                         "train on it as it is)", mined_file(path))
 
 
 def load_mined(path: str | Path) -> list[MinedExample]:

@@ -42,10 +42,16 @@ from nvr.data.beir import (
     same_text_queries,
     union_over,
 )
-from nvr.data.pairs import load_pairs
+from nvr.data.pairs import read_pairs
 from nvr.mining.audit import write_audit
 from nvr.mining.build import build_candidate_table, exclusion_reasons
-from nvr.mining.config import TEACHER_RUNTIME_KEYS, DataSource, MineConfig, TeacherConfig
+from nvr.mining.config import (
+    CROSS_ENCODER_RUNTIME_KEYS,
+    TEACHER_RUNTIME_KEYS,
+    DataSource,
+    MineConfig,
+    TeacherConfig,
+)
 from nvr.mining.ensembles import cross_sample, intra_sample, per_teacher_selections
 from nvr.mining.filters import FilterResult, Reason, apply_filter
 from nvr.mining.mined_set import MANIFEST_FILE, MINED_FILE
@@ -102,6 +108,9 @@ def content_config(cfg: MineConfig) -> dict[str, Any]:
     for teacher in out["teachers"]:
         for key in TEACHER_RUNTIME_KEYS:
             teacher.pop(key, None)
+    if out.get("cross_encoder"):
+        for key in CROSS_ENCODER_RUNTIME_KEYS:
+            out["cross_encoder"].pop(key, None)
     return out
 
 
@@ -127,6 +136,13 @@ def input_files(src: DataSource) -> dict[str, Path]:
     return files
 
 
+def teacher_records(teachers: Sequence[Any], cfgs: Sequence[TeacherConfig]) -> list[dict[str, Any]]:
+    """Each teacher's identity as the manifest and the mined-set key record it (with the resolved dtype, e.g.
+    ``autocast-bfloat16`` for ``dtype: auto`` on bf16 hardware; None for teachers without one)."""
+    return [{"name": t.name, "kind": c.kind, "fingerprint": t.settings_fingerprint,
+             "dtype": getattr(t, "dtype_label", None)} for t, c in zip(teachers, cfgs)]
+
+
 def mining_inputs(cfg: MineConfig, teacher_fingerprints: Sequence[dict[str, str]] | None = None) -> dict[str, Any]:
     """What a mined set depends on besides its config: the content (sha256) of every input file, each teacher's
     fingerprint (model folder content + every encoding setting) and the cross-encoder's. Cheap on a warm run: file
@@ -135,8 +151,7 @@ def mining_inputs(cfg: MineConfig, teacher_fingerprints: Sequence[dict[str, str]
 
     if teacher_fingerprints is None:
         teachers = [make_teacher(t, cfg.cache_dir, cfg.seed) for t in cfg.teachers]
-        teacher_fingerprints = [{"name": t.name, "kind": c.kind, "fingerprint": t.settings_fingerprint}
-                                for t, c in zip(teachers, cfg.teachers)]
+        teacher_fingerprints = teacher_records(teachers, cfg.teachers)
     cross_encoder = None
     if cfg.cross_encoder is not None:
         from nvr.teachers.cross_encoder import CrossEncoderRescorer
@@ -156,27 +171,30 @@ def mining_fingerprint(cfg: MineConfig, inputs: dict[str, Any] | None = None) ->
 
 def load_data(src: DataSource) -> MiningData:
     """BEIR qrels (``beir_dir``/``split``) or a pairs file (with ``corpus_file`` or ``beir_dir``'s corpus)."""
+    merged_ids: set[str] = set()
     if src.pairs_file is not None:
         corpus_path = src.corpus_file or (str(Path(src.beir_dir) / "corpus.jsonl") if src.beir_dir else None)
         corpus = load_corpus(corpus_path) if corpus_path else None
-        queries, positives, corpus = load_pairs(src.pairs_file, corpus)
+        pairs = read_pairs(src.pairs_file, corpus)
+        queries, positives, corpus = pairs.queries, pairs.positives, pairs.corpus
         skipped = 0
         excluded: dict[str, list[str]] = {}
-        merged: set[str] = set()  # the pairs loader already merges rows with the same query text
+        merged_rows = pairs.merged_queries  # the pairs loader merges rows with the same normalized query text
     else:
         ds = load_beir(src.beir_dir, src.split)
         pos = positives_from_qrels(ds.qrels, ds.queries, src.min_relevance, corpus=ds.corpus)
         queries = ds.queries.subset(q for q in ds.queries.ids if q in pos)
-        positives, excluded, merged = _merge_judgements(ds.queries, ds.qrels, pos)
+        positives, excluded, merged_ids = _merge_judgements(ds.queries, ds.qrels, pos)
         excluded = excluded if src.exclude_judged else {}
-        corpus, skipped = ds.corpus, pos.skipped
+        corpus, skipped, merged_rows = ds.corpus, pos.skipped, 0
     if src.max_queries is not None:
         queries = queries.subset(queries.ids[: src.max_queries])
     if len(queries) == 0:
         raise InputError("no query has a positive document; nothing to mine", src.pairs_file or src.beir_dir)
     kept = set(queries.ids)
     return MiningData(queries, {q: list(positives[q]) for q in queries.ids}, corpus, skipped,
-                      {q: d for q, d in excluded.items() if q in kept and d}, sum(1 for q in merged if q in kept))
+                      {q: d for q, d in excluded.items() if q in kept and d},
+                      merged_rows + sum(1 for q in merged_ids if q in kept))
 
 
 def _merge_judgements(
@@ -363,9 +381,7 @@ def run_mining(cfg: MineConfig) -> MiningResult:
         "judged_relevant_excluded": sum(len(v) for v in data.excluded.values()),
         **excluded_candidate_counts([*tables, *deep_tables], [*results, *deep_results]),
     }
-    fingerprints = [
-        {"name": t.name, "kind": c.kind, "fingerprint": t.settings_fingerprint} for t, c in zip(teachers, cfg.teachers)
-    ]
+    fingerprints = teacher_records(teachers, cfg.teachers)
     return MiningResult(data, tables, results, selection, per_teacher, deep_tables, deep_results, kept,
                         fingerprints, counts)
 

@@ -55,12 +55,21 @@ def exact_topk(
         if fetch > _FAISS_GPU_MAX_K and getattr(coarse, "gpu", False):
             coarse = _coarse_backend(False)
         block = queries if pending.size == n_queries else queries[pending]  # no copy of all queries on pass 1
-        cand = _coarse_topk(block, docs, fetch, budget, coarse)
-        top_s, top_i, safe = _refine(block, docs, cand, k_eff, order, doc_norm_max, budget)
+        if fetch >= n_docs:  # every document is a candidate (D <= k + slack): no coarse pass, no candidate buffer
+            cand = (np.zeros((block.shape[0], 0), np.float32),
+                    np.broadcast_to(np.arange(n_docs, dtype=np.int64), (block.shape[0], n_docs)))
+        else:
+            cand = _coarse_topk(block, docs, fetch, budget, coarse)
+        if pending.size == n_queries:  # pass 1 refines straight into the results (unsafe rows are redone below)
+            _, _, safe = _refine(block, docs, cand, k_eff, order, doc_norm_max, budget,
+                                 out=(scores[:, :k_eff], idx[:, :k_eff]))
+        else:
+            top_s, top_i, safe = _refine(block, docs, cand, k_eff, order, doc_norm_max, budget)
+            done = pending[safe]
+            scores[done, :k_eff] = top_s[safe]
+            idx[done, :k_eff] = top_i[safe]
+            del top_s, top_i
         del block, cand
-        done = pending[safe]
-        scores[done, :k_eff] = top_s[safe]
-        idx[done, :k_eff] = top_i[safe]
         pending = pending[~safe]
         fetch = min(n_docs, 2 * fetch)
     return scores, idx
@@ -109,7 +118,7 @@ def topk_of_scores(
         if cand.size > k:  # keep the whole tie group at the k-th score, then sort exactly
             kth = np.partition(row[cand], cand.size - k)[cand.size - k]
             cand = cand[row[cand] >= kth]
-        ranked = cand[np.lexsort((order[cand], -row[cand]))][:k]
+        ranked = cand[np.lexsort((cand if order is None else order[cand], -row[cand]))][:k]
         out_s[q, : ranked.size] = row[ranked]
         out_i[q, : ranked.size] = ranked
     return out_s, out_i
@@ -144,9 +153,10 @@ def _norm_block(x: np.ndarray, budget: int) -> int:
     return max(1, min(8192, budget // (16 * max(1, x.shape[1]) + 8)))
 
 
-def _check_doc_order(doc_order: np.ndarray | None, n_docs: int) -> np.ndarray:
+def _check_doc_order(doc_order: np.ndarray | None, n_docs: int) -> np.ndarray | None:
+    """The doc order as int64, or None for the identity (no O(D) ``arange`` is built: row order is the order)."""
     if doc_order is None:
-        return np.arange(n_docs, dtype=np.int64)
+        return None
     order = np.asarray(doc_order, dtype=np.int64)
     if order.shape != (n_docs,):
         raise ValueError(f"doc_order must have shape ({n_docs},), got {order.shape}")
@@ -262,23 +272,35 @@ def _refine(
     docs: np.ndarray,
     cand: tuple[np.ndarray, np.ndarray],
     k: int,
-    order: np.ndarray,
+    order: np.ndarray | None,
     doc_norm_max: float,
     budget: int,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact top-k among the coarse candidates plus, per row, whether that top-k is provably the global one."""
+    """Exact top-k among the coarse candidates plus, per row, whether that top-k is provably the global one.
+
+    ``out`` (two (Q, k) arrays, e.g. views of the final results) receives the top-k instead of new arrays.
+    """
     coarse_s, coarse_i = cand
     n_queries, fetch = coarse_i.shape
     n_docs, dim = docs.shape
-    out_s = np.empty((n_queries, k), dtype=np.float32)
-    out_i = np.empty((n_queries, k), dtype=np.int64)
-    q_block = max(1, min(n_queries, min(budget, _REFINE_BLOCK_BYTES) // (fetch * (dim * 12 + 24))))
+    if out is None:
+        out = (np.empty((n_queries, k), dtype=np.float32), np.empty((n_queries, k), dtype=np.int64))
+    out_s, out_i = out
+    gather_budget = min(budget, _REFINE_BLOCK_BYTES)
+    gather_bytes = dim * 12 + 8  # per candidate: the fp32 gather, its fp64 copy and the fp64 product
+    q_block = max(1, min(n_queries, gather_budget // (fetch * (gather_bytes + 24))))
+    # when even one query's candidates do not fit, its gather is cut into column blocks (k larger than a block)
+    c_block = max(1, min(fetch, gather_budget // (q_block * gather_bytes)))
     for q0 in range(0, n_queries, q_block):
         rows = slice(q0, q0 + q_block)
         ci = coarse_i[rows]
-        exact = np.einsum("qh,qkh->qk", queries[rows].astype(np.float64), docs[ci].astype(np.float64))
-        exact = exact.astype(np.float32)
-        perm = np.lexsort((order[ci], -exact), axis=1)[:, :k]
+        q64 = queries[rows].astype(np.float64)
+        exact = np.empty(ci.shape, dtype=np.float32)
+        for c0 in range(0, fetch, c_block):
+            cols = slice(c0, c0 + c_block)
+            exact[:, cols] = np.einsum("qh,qkh->qk", q64, docs[ci[:, cols]].astype(np.float64))
+        perm = np.lexsort((ci if order is None else order[ci], -exact), axis=1)[:, :k]
         out_s[rows] = np.take_along_axis(exact, perm, axis=1)
         out_i[rows] = np.take_along_axis(ci, perm, axis=1)
     if fetch >= n_docs:

@@ -87,7 +87,11 @@ class Embedder(nn.Module):
         if (path / POOLER_FILE).exists():
             from safetensors.torch import load_file
 
-            embedder.pooler.load_state_dict(load_file(str(path / POOLER_FILE)))
+            state = load_file(str(path / POOLER_FILE))
+            dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+            if len(dtypes) == 1:  # training keeps the head in float32 (master weights): reload it as trained
+                embedder.pooler.to(dtypes.pop())
+            embedder.pooler.load_state_dict(state)
         return embedder
 
     # ------------------------------------------------------------------------------------------------ running

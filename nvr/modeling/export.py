@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ from nvr.modeling.embedder import Embedder
 from nvr.utils.atomic import atomic_dir, atomic_file
 from nvr.utils.errors import ConfigError, InputError
 from nvr.utils.models import resolve_model_path
+
+log = logging.getLogger(__name__)
 
 ST_POOLING = {"mean": "mean", "cls": "cls", "last_token": "lasttoken"}
 CKPT_PREFIX = "embedder."
@@ -105,6 +108,7 @@ def embedder_from_checkpoint(path: str | Path, ckpt: dict[str, Any] | None = Non
         state = {k: v for k, v in state.items() if _is_trained_key(k)}
     if partial and not any(_is_trained_key(k) for k in state) and cfg.lora is not None:
         raise InputError("LoRA checkpoint without adapter weights (lora_*)", path)
+    keep_trained_dtypes(embedder, state)
     missing, unexpected = embedder.load_state_dict(state, strict=False)
     if partial:
         missing = [k for k in missing if _is_trained_key(k)]
@@ -114,6 +118,19 @@ def embedder_from_checkpoint(path: str | Path, ckpt: dict[str, Any] | None = Non
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})", path,
         )
     return embedder.eval()
+
+
+def keep_trained_dtypes(embedder: Embedder, state: dict[str, Any]) -> list[str]:
+    """Give the trained parameters (head, adapters, ``modules_to_save``) the dtype they were trained in: training
+    keeps them in float32 over a bf16 backbone, and loading them into the bf16 module would round them."""
+    cast = []
+    for name, param in embedder.named_parameters():
+        saved = state.get(name)
+        if (_is_trained_key(name) and isinstance(saved, torch.Tensor) and saved.is_floating_point()
+                and param.is_floating_point() and saved.dtype != param.dtype):
+            param.data = param.data.to(saved.dtype)
+            cast.append(name)
+    return cast
 
 
 def is_distributed_checkpoint(path: Path) -> bool:
@@ -161,12 +178,14 @@ def export_embedder(
     Unset values come from a training checkpoint's record, else: no prompts, no masking, ``embedder.max_length``.
     """
     check_output_outside_inputs(out_dir, [source])
-    embedder, record = load_source(source)
+    embedder, record = load_source(source, out_dir, sentence_transformers, merge_lora)
     cfg = embedder.config
     check_output_outside_inputs(out_dir, [cfg.model_name_or_path])
     if sentence_transformers:
         check_st_expressible(cfg, merge_lora)
     enc = encoding_settings(record, cfg, query_prefix, passage_prefix, mask_prefix, query_max_length, max_length)
+    enc = clamp_encoding_lengths(embedder, enc, explicit={"query_max_length": query_max_length is not None,
+                                                          "passage_max_length": max_length is not None})
     backbone, out_cfg = export_backbone(embedder, merge_lora)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         embedder.write_to(tmp, backbone=backbone, cfg=out_cfg, extra_meta={"prompts": enc, "training": record})
@@ -176,14 +195,42 @@ def export_embedder(
     return Path(out_dir)
 
 
-def load_source(source: Embedder | nn.Module | str | Path) -> tuple[Embedder, dict[str, Any]]:
-    """The embedder plus, for a training checkpoint, what training recorded about its inputs (else ``{}``)."""
+def load_source(source: Embedder | nn.Module | str | Path, out_dir: str | Path | None = None,
+                sentence_transformers: bool = False, merge_lora: bool = True) -> tuple[Embedder, dict[str, Any]]:
+    """The embedder plus, for a training checkpoint, what training recorded about its inputs (else ``{}``).
+
+    With ``out_dir``, a checkpoint's base model folder and ST expressibility are checked from its config before
+    the (possibly large) base model is loaded."""
     if isinstance(source, (str, Path)):
         path = Path(str(source))
         if is_distributed_checkpoint(path) or path.is_file():
             ckpt = read_checkpoint(path)
+            cfg = checkpoint_config(ckpt, path)
+            if out_dir is not None:
+                check_output_outside_inputs(out_dir, [cfg.model_name_or_path])
+                if sentence_transformers:
+                    check_st_expressible(cfg, merge_lora)
             return embedder_from_checkpoint(path, ckpt), dict(ckpt.get(ENCODING_KEY) or {})
     return load_embedder(source), {}
+
+
+def clamp_encoding_lengths(embedder: Embedder, enc: dict[str, Any], explicit: dict[str, bool]) -> dict[str, Any]:
+    """Max lengths above the model's position limit would make sentence-transformers fail on long texts: clamp
+    them with a warning naming the setting (``--max_length`` / ``--query_max_length`` when given)."""
+    from nvr.modeling.backbone import position_limit
+
+    limit = position_limit(getattr(embedder.backbone, "config", None))
+    if limit is None:
+        return enc
+    out = dict(enc)
+    for key, flag, fallback in (("query_max_length", "--query_max_length", "the passage length"),
+                                ("passage_max_length", "--max_length", "embedder.max_length")):
+        if out[key] > limit:
+            name = flag if explicit.get(key) else f"{key} (not given: training's value, else {fallback})"
+            log.warning("export %s: %d exceeds the %d positions of %s; clamped to %d", name, out[key], limit,
+                        embedder.config.model_name_or_path, limit)
+            out[key] = limit
+    return out
 
 
 def encoding_settings(record: dict[str, Any], cfg: EmbedderConfig, query_prefix: str | None,
@@ -319,19 +366,30 @@ def write_router(folder: Path, cfg: EmbedderConfig, hidden_size: int) -> None:
 def write_model_card(folder: Path, cfg: EmbedderConfig, enc: dict[str, Any], record: dict[str, Any],
                      sentence_transformers: bool) -> None:
     """README.md: base model, encoding, training data (the mined set's manifest) and the last eval metrics."""
+    masked = enc["mask_prefix"] and bool(enc["query_prefix"])
+    lengths = f"- max length: queries {enc['query_max_length']}, passages {enc['passage_max_length']} tokens"
     lines = ["---", "library_name: sentence-transformers" if sentence_transformers else "library_name: nvr",
-             "tags: [sentence-transformers, feature-extraction, nvr]", "---", "",
+             "tags: [sentence-transformers, feature-extraction, nvr]" if sentence_transformers else
+             "tags: [feature-extraction, nvr]", "---", "",
              f"# Embedding model fine-tuned from `{cfg.model_name_or_path}` with nvr", "",
              "## Encoding", "",
-             f"- pooling: {cfg.pooling}, normalize: {cfg.normalize}, bidirectional: {cfg.bidirectional}",
-             f"- query prompt: {json.dumps(enc['query_prefix'])} (masked from pooling: {enc['mask_prefix']})",
+             f"- pooling: {cfg.pooling}, normalize: {cfg.normalize}, bidirectional: {cfg.bidirectional}, "
+             f"add_eos: {cfg.add_eos}, dtype: {cfg.dtype}",
+             f"- query prompt: {json.dumps(enc['query_prefix'])} (masked from pooling: {masked})",
              f"- document prompt: {json.dumps(enc['passage_prefix'])} (not masked)",
-             f"- max length: queries {enc['query_max_length']}, passages {enc['passage_max_length']} tokens "
-             "(sentence-transformers uses the passage length for both)", ""]
+             lengths + (" (sentence-transformers uses the passage length for both)" if sentence_transformers else ""),
+             ""]
     if sentence_transformers:
         lines += ["```python", "from sentence_transformers import SentenceTransformer", "",
                   'model = SentenceTransformer("path/to/this/folder")',
                   'q = model.encode_query(["..."])', 'd = model.encode_document(["..."])', "```", ""]
+    else:
+        lines += ["```python", "from nvr.modeling.embedder import Embedder", "from nvr.modeling.encode import "
+                  "encode_texts", "", 'model = Embedder.from_pretrained("path/to/this/folder")',
+                  f"q = encode_texts(model, [\"...\"], prefix={json.dumps(enc['query_prefix'])}, mask_prefix={masked}, "
+                  f"max_length={enc['query_max_length']})",
+                  f"d = encode_texts(model, [\"...\"], prefix={json.dumps(enc['passage_prefix'])}, "
+                  f"max_length={enc['passage_max_length']})", "```", ""]
     manifest = _read_manifest(record.get("mined_dir"))
     if manifest:
         lines += ["## Training data (hard-negative mining)", ""]
@@ -341,9 +399,11 @@ def write_model_card(folder: Path, cfg: EmbedderConfig, enc: dict[str, Any], rec
         lines.append("")
     metrics = record.get("metrics") or {}
     if metrics:
-        step = record.get("global_step")
-        lines += [f"## Evaluation (last validation{f', step {step}' if step is not None else ''})", "",
-                  "| metric | value |", "|---|---|"]
+        step, saved = record.get("metrics_step"), record.get("global_step")
+        where = f", step {step}" if step is not None else ""
+        if saved is not None and saved != step:
+            where += f"; checkpoint saved at step {saved}"
+        lines += [f"## Evaluation (last validation{where})", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())]
         lines.append("")
     with atomic_file(folder / CARD_FILE) as fh:

@@ -8,6 +8,10 @@ A killed run resumes from its finished shards; the temp files a killed single-pr
 when a run resumes. Under torchrun each rank encodes shards ``i % world_size == rank``; rank 0 assembles and the
 other ranks wait for the (verified) assembled file, so the result is the same array for any world size.
 
+Within one process, a file that verified is not hashed again while its identity and its sidecar's (inode, size,
+mtime, ctime; a user cannot set ctime) are unchanged, so a run that reads the corpus embeddings twice (e.g. to
+re-build short queries at ``max_depth``) verifies them once.
+
 Writers take an exclusive lock per shard and on the assembled file (``nvr.utils.locking``, waiting for it), so two
 processes never write the same file and the second one finds the first one's result. Ranks encode different shards,
 so they never wait on each other's locks.
@@ -37,12 +41,14 @@ from nvr.utils.checksum import (
     verify_sidecar,
     write_sidecar,
 )
+from nvr.utils.fingerprint import settled
 from nvr.utils.hashing import sha256_json, sha256_texts
 from nvr.utils.locking import exclusive_lock
 
 log = logging.getLogger(__name__)
 
 EncodeFn = Callable[[list[str]], np.ndarray]
+RowsFn = Callable[[int, int], np.ndarray]
 FORMAT_VERSION = 1
 DEFAULT_SHARD_SIZE = 10000
 _FINAL = "embeddings.npy"
@@ -74,6 +80,8 @@ class EmbeddingCache:
         self.wait_timeout_s = wait_timeout_s
         """Give up waiting for other ranks after this long without any new shard appearing."""
         self.poll_s = poll_s
+        self._verified: dict[Path, tuple] = {}
+        """File -> ``_stat_pair`` when it last verified in this process (see :meth:`_load_checked`)."""
 
     def folder(self, key: str, texts: Sequence[str]) -> Path:
         """Folder of one (settings, texts) combination."""
@@ -101,9 +109,31 @@ class EmbeddingCache:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
         if len(texts) == 0:
             return np.zeros((0, 0), dtype=np.float32)
+        return self._get_or_compute(key, texts, lambda a, b: encode_fn(list(texts[a:b])), shard_size, rank,
+                                    world_size)
+
+    def get(self, key: str, texts: Sequence[str]) -> np.ndarray | None:
+        """The finished, verified ``[N, H]`` embeddings of ``(key, texts)``, or None (nothing is encoded)."""
+        if len(texts) == 0:
+            return None
+        return self._load_checked(self.folder(key, texts) / _FINAL, len(texts), warn=True)
+
+    def put(self, key: str, texts: Sequence[str], embeddings: np.ndarray) -> np.ndarray:
+        """Store embeddings computed elsewhere (e.g. gathered by the validation loop) under ``(key, texts)``,
+        through the same sharded, checksummed, locked path as :meth:`get_or_encode`; an existing verified entry
+        wins (it is returned unchanged)."""
+        rows = np.asarray(embeddings, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[0] != len(texts):
+            raise ValueError(f"put: {rows.shape} embeddings for {len(texts)} texts")
+        return self._get_or_compute(key, texts, lambda a, b: rows[a:b], len(texts) or 1, 0, 1)
+
+    # ------------------------------------------------------------------------------------------------ internals
+    def _get_or_compute(self, key: str, texts: Sequence[str], rows_fn: RowsFn, shard_size: int, rank: int,
+                        world_size: int) -> np.ndarray:
+        """:meth:`get_or_encode` with ``rows_fn(start, stop)`` giving the rows of ``texts[start:stop]``."""
         folder = self.folder(key, texts)
         final = folder / _FINAL
-        loaded = _load_verified(final, len(texts), warn=True)
+        loaded = self._load_checked(final, len(texts), warn=True)
         if loaded is not None:
             return loaded
         if rank == 0 and final.exists():
@@ -116,7 +146,7 @@ class EmbeddingCache:
         for i in range(rank, n_shards, world_size):
             if _stat_pair(final) != seen and final.exists():
                 break  # another process assembled the file meanwhile: verify that instead of re-encoding
-            self._ensure_shard(folder, i, texts[i * shard_size : (i + 1) * shard_size], encode_fn)
+            self._ensure_shard(folder, i, texts, shard_size, rows_fn)
         if rank != 0:
             return self._wait_for_final(final, len(texts), rank)
         with exclusive_lock(final, wait=True, what="embedding cache file"):
@@ -125,11 +155,26 @@ class EmbeddingCache:
                 return loaded
             self._wait_for(folder, [_shard_name(i) for i in range(n_shards)], rank)
             for i in range(n_shards):  # re-encode any shard that does not verify (e.g. corrupted on disk)
-                self._ensure_shard(folder, i, texts[i * shard_size : (i + 1) * shard_size], encode_fn)
+                self._ensure_shard(folder, i, texts, shard_size, rows_fn)
             self._assemble(folder, n_shards, len(texts))
         return np.load(final, mmap_mode="r")
 
-    # ------------------------------------------------------------------------------------------------ internals
+    def _load_checked(self, path: Path, n_rows: int, warn: bool) -> np.ndarray | None:
+        """:func:`_load_verified`, skipping the hash when this process already verified the file and neither it nor
+        its sidecar changed since (a file changed within the last clock tick is always hashed again)."""
+        state = _stat_pair(path)
+        if state[0] is not None and self._verified.get(path) == state:
+            arr = _load_array(path, n_rows)
+            if arr is not None:
+                return arr
+        started = time.time_ns()
+        arr = _load_verified(path, n_rows, warn)
+        self._verified.pop(path, None)
+        if arr is not None and _stat_pair(path) == state and all(
+            s is not None and settled(s[2], s[3], started) for s in state
+        ):
+            self._verified[path] = state
+        return arr
 
     def _write_manifest(self, folder: Path, key: str, texts: Sequence[str], shard_size: int) -> int:
         """Record the folder's layout once; returns the shard size in force (an earlier run's, when resuming)."""
@@ -153,17 +198,18 @@ class EmbeddingCache:
             if final.exists() and _load_verified(final, n_texts, warn=False) is None:
                 remove_with_sidecar(final)
 
-    def _ensure_shard(self, folder: Path, i: int, texts: Sequence[str], encode_fn: EncodeFn) -> None:
-        """Encode and write shard ``i`` unless a verified copy exists (checked again under the shard's lock)."""
+    def _ensure_shard(self, folder: Path, i: int, texts: Sequence[str], shard_size: int, rows_fn: RowsFn) -> None:
+        """Compute and write shard ``i`` unless a verified copy exists (checked again under the shard's lock)."""
         path = folder / _shard_name(i)
-        if _shard_ok(path, len(texts), warn=True):
+        start, stop = i * shard_size, min((i + 1) * shard_size, len(texts))
+        if self._load_checked(path, stop - start, warn=True) is not None:
             return
         with exclusive_lock(path, wait=True, what="embedding cache shard"):
-            if _shard_ok(path, len(texts), warn=False):
+            if _shard_ok(path, stop - start, warn=False):
                 return  # written by another process while we waited
-            emb = np.asarray(encode_fn(list(texts)), dtype=np.float32)
-            if emb.ndim != 2 or emb.shape[0] != len(texts):
-                raise ValueError(f"encode_fn returned shape {emb.shape} for {len(texts)} texts (shard {i})")
+            emb = np.asarray(rows_fn(start, stop), dtype=np.float32)
+            if emb.ndim != 2 or emb.shape[0] != stop - start:
+                raise ValueError(f"encode_fn returned shape {emb.shape} for {stop - start} texts (shard {i})")
             with checksummed_file(path) as fh:
                 np.save(fh, emb, allow_pickle=False)
 
@@ -231,6 +277,15 @@ def _stat_pair(final: Path) -> tuple:
         except FileNotFoundError:
             out.append(None)
     return tuple(out)
+
+
+def _load_array(path: Path, n_rows: int) -> np.ndarray | None:
+    """The ``[n_rows, H]`` float32 array at ``path`` as a read-only memmap, or None (unreadable, other shape)."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError):
+        return None
+    return arr if arr.ndim == 2 and arr.shape[0] == n_rows and arr.dtype == np.float32 else None
 
 
 def _load_verified(path: Path, n_rows: int, warn: bool) -> np.ndarray | None:

@@ -27,6 +27,7 @@ from nvr.teachers.dense import pick_device
 from nvr.utils.fingerprint import memo_dir_for, model_fingerprint
 from nvr.utils.hashing import sha256_json, sha256_texts
 from nvr.utils.models import resolve_model_path
+from nvr.utils.precision import Precision, autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class CrossEncoderRescorer:
         self._model = None
         self._tokenizer = None
         self._fingerprint: str | None = None
+        self._precision: Precision | None = None
 
     @property
     def device(self) -> str:
@@ -57,6 +59,16 @@ class CrossEncoderRescorer:
         if self._device is None:
             self._device = pick_device(self.cfg.device)
         return self._device
+
+    @property
+    def precision(self) -> Precision:
+        """The resolved ``cfg.dtype``: ``auto`` = fp32 weights under bf16 autocast where bf16 is native, else fp32
+        (its label, part of the score key, equals an explicit ``float32``'s when it resolves to fp32)."""
+        if self._precision is None:
+            device = "cpu" if self.cfg.dtype != "auto" else self.cfg.device
+            device = self.device if device == "auto" else device
+            self._precision = resolve_precision(self.cfg.dtype, device)
+        return self._precision
 
     @property
     def fingerprint(self) -> str:
@@ -70,7 +82,7 @@ class CrossEncoderRescorer:
                 model = model or f"loaded:{self._loaded_fingerprint()}"
             self._fingerprint = sha256_json({
                 "version": SCORES_VERSION, "model": model, "max_length": self.cfg.max_length,
-                "dtype": self.cfg.dtype, "activation": self.activation,
+                "dtype": self.precision.label, "activation": self.activation,
             })
         return self._fingerprint
 
@@ -92,26 +104,30 @@ class CrossEncoderRescorer:
 
         path = resolve_model_path(self.cfg.model_name_or_path)
         self._tokenizer = AutoTokenizer.from_pretrained(path)
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.cfg.dtype]
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, self.precision.weights))
         if self._tokenizer.pad_token_id is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
             model.config.pad_token_id = self._tokenizer.pad_token_id
         self._model = model.to(self.device).eval()
-        log.info("cross-encoder %s loaded on %s", path, self.device)
+        log.info("cross-encoder %s loaded on %s (%s)", path, self.device, self.precision.label)
 
     def score(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
-        """Scores of aligned (query, passage) pairs, float32, in input order."""
+        """Scores of aligned (query, passage) pairs, float32, in input order.
+
+        Pairs are sorted by token count (longest first) and cut into batches of at most ``cfg.batch_size`` pairs
+        and ``cfg.max_tokens_per_batch`` padded tokens, so a long tail neither runs out of memory nor pads short
+        pairs to the longest one; the logits are taken in fp32 whatever the precision.
+        """
         import torch
+
+        from nvr.modeling.encode import budget_batches
 
         if self._model is None:
             self._load()
         out = np.empty(len(queries), dtype=np.float32)
-        order = sorted(range(len(queries)), key=lambda i: -(len(queries[i]) + len(passages[i])))
-        bs = self.cfg.batch_size
-        with torch.inference_mode():
-            for start in range(0, len(order), bs):
-                idx = order[start : start + bs]
+        lengths = self._pair_lengths(queries, passages)
+        with torch.inference_mode(), autocast(self.precision, self.device):
+            for idx in budget_batches(lengths, self.cfg.batch_size, self.cfg.max_tokens_per_batch):
                 batch = self._tokenizer(
                     [queries[i] for i in idx], [passages[i] for i in idx], padding=True, truncation=True,
                     max_length=self.cfg.max_length, return_tensors="pt",
@@ -119,6 +135,15 @@ class CrossEncoderRescorer:
                 logits = self._model(**batch).logits.float()
                 out[idx] = self._activate(logits).cpu().numpy()
         return out
+
+    def _pair_lengths(self, queries: Sequence[str], passages: Sequence[str]) -> list[int]:
+        """Token count of every pair after truncation (what its row of a batch costs)."""
+        lengths: list[int] = []
+        for a in range(0, len(queries), 4096):
+            enc = self._tokenizer(list(queries[a : a + 4096]), list(passages[a : a + 4096]), truncation=True,
+                                  max_length=self.cfg.max_length, padding=False, return_attention_mask=False)
+            lengths.extend(len(ids) for ids in enc["input_ids"])
+        return lengths
 
     def _activate(self, logits):
         import torch

@@ -16,6 +16,7 @@ from nvr.utils.errors import config_key_scope
 from nvr.utils.fingerprint import model_fingerprint
 from nvr.utils.hashing import sha256_json
 from nvr.utils.models import check_model_source, resolve_model_path
+from nvr.utils.precision import Precision, resolve_precision
 
 log = logging.getLogger(__name__)
 _FINGERPRINT_SETTINGS = ("pooling", "normalize", "dtype", "add_eos", "bidirectional", "trust_remote_code")
@@ -24,19 +25,49 @@ FINGERPRINT_VERSION = 2
 """2: the model identity is the content of its folder's files (tokenizer included), not the loaded weights."""
 
 
-def teacher_model_fingerprint(cfg: TeacherConfig, memo_dir: str | Path | None, load: Callable[[], object]) -> str:
+def teacher_model_fingerprint(
+    cfg: TeacherConfig, memo_dir: str | Path | None, load: Callable[[], object], dtype_label: str | None = None
+) -> str:
     """The model part of a dense teacher's keys, without loading the model when it is on this machine.
 
     ``load()`` returns the loaded Embedder; it is called only for a model that is not local yet (a hub id not in the
     HF cache): loading downloads it, then the folder is fingerprinted as usual (or, failing that, the loaded
-    weights and tokenizer via ``Embedder.fingerprint``).
+    weights and tokenizer via ``Embedder.fingerprint``). ``dtype_label`` is the resolved precision
+    (``nvr.utils.precision.Precision.label``); None = ``cfg.dtype`` as written (an explicit dtype is its own label).
     """
     model = model_fingerprint(cfg.model_name_or_path, memo_dir)
     if model is None:
         embedder = load()
         model = model_fingerprint(cfg.model_name_or_path, memo_dir) or f"loaded:{embedder.fingerprint()}"
     settings = {k: getattr(cfg, k) for k in _FINGERPRINT_SETTINGS}
+    settings["dtype"] = cfg.dtype if dtype_label is None else dtype_label
     return sha256_json({"version": FINGERPRINT_VERSION, "model": model, **settings})
+
+
+def dense_embedding_key(model_key: str, cfg: TeacherConfig, prefix: str, max_length: int, dtype_label: str) -> str:
+    """THE key of one dense encoding (teachers, ``nvr eval`` and the validation callback all use it, so the same
+    model at the same settings encodes a corpus once): model part + pooling + prefix + max length + precision."""
+    return embedding_key(model_key, cfg.pooling, prefix, max_length, dtype_label)
+
+
+def load_dense_embedder(cfg: TeacherConfig, precision: Precision, key: str = "teacher"):
+    """The Embedder a dense teacher encodes with: an nvr folder (``nvr_embedder.json``) with its own pooling head,
+    ``add_eos`` and attention direction, anything else as an HF model with ``cfg``'s settings; weights in
+    ``precision.weights`` (fp32 under ``dtype: auto``: autocast happens at encode time)."""
+    from nvr.modeling.config import EmbedderConfig
+    from nvr.modeling.embedder import META_FILE, Embedder
+
+    path = resolve_model_path(cfg.model_name_or_path)
+    with config_key_scope("embedder", key):  # name the key the user wrote
+        if (Path(path) / META_FILE).exists():
+            return Embedder.from_pretrained(path, dtype=precision.weights, normalize=cfg.normalize)
+        emb_cfg = EmbedderConfig(
+            model_name_or_path=cfg.model_name_or_path, pooling=cfg.pooling, normalize=cfg.normalize,
+            bidirectional=cfg.bidirectional, dtype=precision.weights,
+            max_length=max(cfg.query_max_length, cfg.passage_max_length), add_eos=cfg.add_eos,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        return Embedder.from_config(emb_cfg)
 
 
 def pick_device(device: str) -> str:
@@ -78,6 +109,7 @@ class DenseTeacher:
         self._device: str | None = None
         self._embedder = None
         self._fingerprint: str | None = None
+        self._precision: Precision | None = None
 
     @property
     def device(self) -> str:
@@ -92,23 +124,26 @@ class DenseTeacher:
             self._embedder = self._load()
         return self._embedder
 
-    def _load(self):
-        from nvr.modeling.config import EmbedderConfig
-        from nvr.modeling.embedder import META_FILE, Embedder
+    @property
+    def precision(self) -> Precision:
+        """The resolved ``cfg.dtype`` (``auto``: bf16 autocast where the device runs bf16 natively, else fp32)."""
+        if self._precision is None:
+            # an explicit dtype or device needs no device probe (no torch import on a run served from the cache);
+            # only ``dtype: auto`` with ``device: auto`` must ask torch whether a GPU is there
+            device = "cpu" if self.cfg.dtype != "auto" else self.cfg.device
+            device = self.device if device == "auto" else device
+            self._precision = resolve_precision(self.cfg.dtype, device)
+        return self._precision
 
-        path = resolve_model_path(self.cfg.model_name_or_path)
-        with config_key_scope("embedder", f"teachers[{self.name}]"):  # name the key the user wrote
-            if (Path(path) / META_FILE).exists():
-                embedder = Embedder.from_pretrained(path, dtype=self.cfg.dtype, normalize=self.cfg.normalize)
-            else:
-                emb_cfg = EmbedderConfig(
-                    model_name_or_path=self.cfg.model_name_or_path, pooling=self.cfg.pooling,
-                    normalize=self.cfg.normalize, bidirectional=self.cfg.bidirectional, dtype=self.cfg.dtype,
-                    max_length=max(self.cfg.query_max_length, self.cfg.passage_max_length),
-                    add_eos=self.cfg.add_eos, trust_remote_code=self.cfg.trust_remote_code,
-                )
-                embedder = Embedder.from_config(emb_cfg)
-        log.info("teacher %s: loaded %s on %s (%s)", self.name, path, self.device, self.cfg.dtype)
+    @property
+    def dtype_label(self) -> str:
+        """The resolved dtype as recorded in the keys and the manifest (e.g. ``autocast-bfloat16``, ``float32``)."""
+        return self.precision.label
+
+    def _load(self):
+        embedder = load_dense_embedder(self.cfg, self.precision, f"teachers[{self.name}]")
+        log.info("teacher %s: loaded %s on %s (%s)", self.name, self.cfg.model_name_or_path, self.device,
+                 self.dtype_label)
         return embedder.to(self.device).eval()
 
     @property
@@ -123,7 +158,8 @@ class DenseTeacher:
         local folder nor in the HF cache is loaded (downloaded) first.
         """
         if self._fingerprint is None:
-            self._fingerprint = teacher_model_fingerprint(self.cfg, self.fingerprint_dir, lambda: self.embedder)
+            self._fingerprint = teacher_model_fingerprint(self.cfg, self.fingerprint_dir, lambda: self.embedder,
+                                                          self.dtype_label)
         return self._fingerprint
 
     @property
@@ -140,7 +176,7 @@ class DenseTeacher:
         return self.cfg.passage_prefix, self.cfg.passage_max_length
 
     def _embedding_key(self, prefix: str, max_length: int) -> str:
-        return embedding_key(self.fingerprint, self.cfg.pooling, prefix, max_length, self.cfg.dtype)
+        return dense_embedding_key(self.fingerprint, self.cfg, prefix, max_length, self.dtype_label)
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
         return self._encode(texts, *self._query_settings(), "queries")
@@ -156,7 +192,8 @@ class DenseTeacher:
 
             return encode_texts(
                 self.embedder, chunk, prefix=prefix, max_length=max_length, batch_size=self.cfg.batch_size,
-                desc=f"{self.name} {what}",
+                desc=f"{self.name} {what}", precision=self.precision,
+                max_tokens_per_batch=self.cfg.max_tokens_per_batch,
             )
 
         rank, world_size = dist_rank_world()

@@ -151,7 +151,7 @@ class MinedDataModule(pl.LightningDataModule):
         with exclusive_lock(entry_lock_path(path), wait=True, what="mined-set cache entry"):
             overwrite = False
             if mined_file(path).is_file():
-                problem = mined_problem(path)
+                problem = mined_problem(path, require_manifest=True)  # nvr wrote it: a manifest must vouch
                 if problem is None:
                     self._verified = path
                     log.info("reusing mined set %s", path)

@@ -11,16 +11,25 @@ Checkpoints and warm starts:
   Sharded (FSDP2) checkpoints are written by the strategy and keep every tensor. ``nvr export`` refills the base
   the same way. Every checkpoint also records training's prompts, masking, max lengths, mined set and last
   metrics (``nvr_encoding``) so the export reproduces the embeddings and writes a model card.
-* Trainable parameters are kept in float32 (master weights) even when the backbone is bf16/fp16.
+* Trainable parameters are kept in float32 (master weights) even when the backbone is bf16/fp16, and again
+  after a ``*-true`` precision plugin casts the whole module (``configure_optimizers``).
 * Dropout randomness is reseeded every step from ``(seed, global_step, rank)``, so a resumed run replays exactly
   what the uninterrupted run would have done without storing RNG states.
+* ``mini_batch_size`` / ``mini_batch_num_tokens`` turn on the cached (GradCache) InfoNCE of
+  :mod:`nvr.training.cached` under Lightning's automatic optimization: ``training_step`` computes graph-free
+  embeddings, the full-batch loss and its embedding gradients, and returns a leaf holding the loss; :meth:`backward`
+  re-encodes each mini-batch (replayed dropout, same autocast) and back-propagates it. Gradient accumulation,
+  clipping, the LR schedule, checkpoints/resume and DDP (incl. cross-device negatives) work unchanged and are tested
+  equal to the uncached loss. Not supported: FSDP2 (a ConfigError) and DDP with ``find_unused_parameters=True``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +40,7 @@ from torch import Tensor, nn
 from nvr.modeling.config import EmbedderConfig, as_embedder_config
 from nvr.modeling.embedder import Embedder
 from nvr.modeling.export import ENCODING_KEY, PARTIAL_KEY  # checkpoint format, shared with nvr export
+from nvr.training.cached import PendingBackward, cached_backward, encode_without_grad
 from nvr.training.loss import PAD_ID, info_nce
 from nvr.utils.errors import ConfigError, InputError
 from nvr.utils.seeding import derive_seed
@@ -55,6 +65,10 @@ class BiEncoderModule(pl.LightningModule):
         scheduler: shape after warm-up, over ``trainer.estimated_stepping_batches``.
         init_from: stage-1 ``.ckpt`` or an Embedder folder to take weights from (not optimizer state).
         seed: base of the per-step dropout seed; None = ``seed_everything``'s seed (``PL_GLOBAL_SEED``) or 0.
+        mini_batch_size: cached InfoNCE (:mod:`nvr.training.cached`): encode at most this many sequences per
+            forward; the loss still spans the whole batch (and the other ranks' passages) with the same gradients.
+        mini_batch_num_tokens: cached InfoNCE with a budget of padded tokens (rows x longest) per forward.
+            Either setting turns caching on; both may be combined. None (default) = one forward per field.
     """
 
     def __init__(
@@ -70,15 +84,23 @@ class BiEncoderModule(pl.LightningModule):
         scheduler: Schedule = "linear",
         init_from: str | None = None,
         seed: int | None = None,
+        mini_batch_size: int | None = None,
+        mini_batch_num_tokens: int | None = None,
     ) -> None:
+        settings = {k: v for k, v in locals().items() if k not in ("self", "embedder", "__class__")}
         super().__init__()
         cfg = as_embedder_config(embedder, key="model.embedder")
+        check_finite_hparams(settings, cfg)
         _validate(temperature, false_negative_perc, lr, weight_decay, warmup_steps, scheduler)
+        for key, value in (("mini_batch_size", mini_batch_size), ("mini_batch_num_tokens", mini_batch_num_tokens)):
+            if value is not None and value < 1:
+                raise ConfigError(f"model.{key}", f"must be >= 1 or null, got {value}")
         self.save_hyperparameters(ignore=["embedder"])
         self.hparams["embedder"] = cfg.to_dict()
         self.embedder_config = cfg
         self.embedder = Embedder.from_config(cfg)
         self.seed = seed
+        self._pending: PendingBackward | None = None
         if init_from:
             load_warm_start(self.embedder, init_from)
         freeze_unused_heads(self.embedder)
@@ -93,7 +115,13 @@ class BiEncoderModule(pl.LightningModule):
         base = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         torch.manual_seed(derive_seed(base, "step", self.global_step, self.global_rank) % (2**63))
 
+    @property
+    def cached_loss(self) -> bool:
+        return self.hparams.get("mini_batch_size") is not None or self.hparams.get("mini_batch_num_tokens") is not None
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        if self.cached_loss:
+            return self._cached_training_step(batch)
         query_emb = self.encode(batch["query"])
         batch_size, group = batch["passage_ids"].shape
         passage_emb = self.encode(batch["passages"]).reshape(batch_size, group, -1)
@@ -110,9 +138,66 @@ class BiEncoderModule(pl.LightningModule):
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
         return loss
 
+    def _cached_training_step(self, batch: dict[str, Any]) -> Tensor:
+        """GradCache: graph-free embeddings in mini-batches, the full-batch loss and its gradient w.r.t. them; the
+        parameter gradients follow in :meth:`backward`. Returns a leaf holding the loss value."""
+        batch_size, group = batch["passage_ids"].shape
+        limits = (self.hparams.mini_batch_size, self.hparams.mini_batch_num_tokens)
+        queries = encode_without_grad(self.encode, batch["query"], *limits)
+        passages = encode_without_grad(self.encode, batch["passages"], *limits)
+        query_emb = queries.embeddings.detach().float().requires_grad_()
+        passage_emb = passages.embeddings.detach().float().requires_grad_()
+        leaves = [query_emb, passage_emb]
+        gathered = self._gather_passages(passage_emb.detach(), batch["passage_ids"], sync_grads=False)
+        remote_emb = remote_ids = None
+        if gathered is not None:
+            all_emb, all_ids, counts = gathered
+            all_emb = all_emb.float().requires_grad_()
+            leaves.append(all_emb)
+            remote_emb, remote_ids = _others(all_emb, all_ids, counts, self.global_rank)
+        with torch.enable_grad():
+            loss = info_nce(
+                query_emb, passage_emb.reshape(batch_size, group, -1), self.hparams.temperature,
+                use_in_batch_negatives=self.hparams.use_in_batch_negatives,
+                passage_ids=batch["passage_ids"], positive_ids=batch["positive_ids"],
+                remote_passage_emb=remote_emb, remote_passage_ids=remote_ids,
+                hard_negative_mask=self._teacher_mask(batch),
+            )
+            grads = list(torch.autograd.grad(loss, leaves, allow_unused=True))
+        grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads, strict=True)]
+        if gathered is not None:
+            # other ranks' losses scored this rank's passages too: sum every rank's gradient w.r.t. the gathered
+            # passages and keep this rank's row (what all_gather(sync_grads=True)'s reduce-scatter does)
+            total = self.trainer.strategy.reduce(grads[2].contiguous(), reduce_op="sum")
+            grads[1] = grads[1] + total[self.global_rank, : passage_emb.shape[0]]
+        leaf = loss.detach().clone().requires_grad_()
+        self._pending = PendingBackward(leaf, [(queries, grads[0]), (passages, grads[1])])
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
+        return leaf
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Cached InfoNCE: re-encode each mini-batch with a graph and back-propagate its cached embedding gradient,
+        times ``d loss / d leaf`` (Lightning's ``1/accumulate_grad_batches``, an AMP scaler's scale)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            super().backward(loss, *args, **kwargs)
+            return
+        (scale,) = torch.autograd.grad(loss, pending.loss_leaf)
+        params = [p for p in self.parameters() if p.requires_grad]
+        context = self.trainer.precision_plugin.forward_context if self._trainer is not None else nullcontext
+        cached_backward(self.encode, pending, scale, params, context)
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """Embeddings + sample positions for :class:`~nvr.evaluation.callback.RetrievalEvaluator`."""
         return {"embeddings": self.encode(batch), "index": batch["index"]}
+
+    def on_validation_epoch_end(self) -> None:
+        """After RetrievalEvaluator logged this validation's metrics, before any checkpoint is saved: remember the
+        step they belong to (``last.ckpt`` is also written later, e.g. at the end of fit, with these metrics)."""
+        if self._trainer is not None and not self.trainer.sanity_checking:
+            self._metrics_step = int(self.trainer.global_step)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """``nvr test``: the same BEIR evaluation as validation (metrics logged under ``test/``)."""
@@ -125,11 +210,19 @@ class BiEncoderModule(pl.LightningModule):
         MinedDataModule's batches all have the same shape, but a user dataloader may give one rank a shorter
         last batch, so the passage counts are gathered first and every rank pads to the largest and trims.
         """
-        if not (self.hparams.gather_across_devices and self.hparams.use_in_batch_negatives):
+        gathered = self._gather_passages(passage_emb, passage_ids, sync_grads=True)
+        if gathered is None:
             return None, None
+        return _others(*gathered, self.global_rank)
+
+    def _gather_passages(self, passage_emb: Tensor, passage_ids: Tensor,
+                         sync_grads: bool) -> tuple[Tensor, Tensor, list[int]] | None:
+        """Every rank's passages ``[W, max count, H]``, their ids and counts; None without cross-device negatives."""
+        if not (self.hparams.gather_across_devices and self.hparams.use_in_batch_negatives):
+            return None
         world = self.trainer.world_size if self._trainer is not None else 1
         if world <= 1:
-            return None, None
+            return None
         flat_emb = passage_emb.reshape(-1, passage_emb.shape[-1])
         flat_ids = passage_ids.reshape(-1)
         counts = self.all_gather(torch.tensor(flat_ids.numel(), device=flat_ids.device)).reshape(-1).tolist()
@@ -137,12 +230,9 @@ class BiEncoderModule(pl.LightningModule):
         if padding:
             flat_emb = torch.cat([flat_emb, flat_emb.new_zeros(padding, flat_emb.shape[1])])
             flat_ids = torch.cat([flat_ids, flat_ids.new_full((padding,), PAD_ID)])
-        all_emb = self.all_gather(flat_emb, sync_grads=True)  # [W, max count, H]
+        all_emb = self.all_gather(flat_emb, sync_grads=sync_grads)  # [W, max count, H]
         all_ids = self.all_gather(flat_ids)
-        others = [r for r in range(world) if r != self.global_rank]
-        remote_emb = torch.cat([all_emb[r, : counts[r]] for r in others])
-        remote_ids = torch.cat([all_ids[r, : counts[r]] for r in others])
-        return remote_emb, remote_ids
+        return all_emb, all_ids, counts
 
     def _teacher_mask(self, batch: dict[str, Any]) -> Tensor | None:
         perc = self.hparams.false_negative_perc
@@ -152,6 +242,14 @@ class BiEncoderModule(pl.LightningModule):
 
     # --------------------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:
+        if self.device_mesh is None:
+            # a ``*-true`` precision plugin has just cast the whole module to bf16/fp16 (before this hook, after
+            # __init__): put the trainable parameters back in float32 before the optimizer captures them
+            cast = keep_fp32_master_weights(self.embedder)
+            if cast:
+                precision = getattr(self._trainer, "precision", None) if self._trainer is not None else None
+                log.info("restored float32 master weights for %d trainable parameter(s) cast by precision=%s",
+                         len(cast), precision)
         decay, no_decay = [], []
         for name, param in self.named_parameters():
             if not param.requires_grad:
@@ -173,6 +271,10 @@ class BiEncoderModule(pl.LightningModule):
         """Shard each transformer layer, the pooling head and the root with FSDP2 under ModelParallelStrategy."""
         if self.device_mesh is None or getattr(self, "_fsdp_applied", False):
             return
+        if self.cached_loss:
+            raise ConfigError("model.mini_batch_size", "cached InfoNCE (mini_batch_size / mini_batch_num_tokens) "
+                                                       "is supported with one device or DDP, not FSDP2 "
+                                                       "(ModelParallelStrategy); use strategy: ddp")
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
@@ -217,19 +319,60 @@ class BiEncoderModule(pl.LightningModule):
             record["metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items()
                                  if k.startswith(("val/", "test/")) and getattr(v, "numel", lambda: 1)() == 1}
             record["global_step"] = int(self.trainer.global_step)
+            if record["metrics"] and getattr(self, "_metrics_step", None) is not None:
+                record["metrics_step"] = self._metrics_step
         return record
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if not checkpoint.get(PARTIAL_KEY):
+        """Before Lightning's strict load: a checkpoint of another embedder config (LoRA r / targets, pooling,
+        latent size, backbone) is a one-line error naming the file and the first differing tensors, not a
+        ``RuntimeError`` listing every key; a trainable-only (LoRA) checkpoint gets the frozen base refilled."""
+        if "state_dict" not in checkpoint or self.device_mesh is not None:  # FSDP2: the strategy loads the shards
             return
+        source = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
         current = self.state_dict()
-        unknown = sorted(set(checkpoint["state_dict"]) - set(current))
-        if unknown:
-            raise InputError(f"checkpoint has tensors this model lacks, e.g. {unknown[:3]} (different LoRA config?)")
-        checkpoint["state_dict"] = {**current, **checkpoint["state_dict"]}
+        saved = checkpoint["state_dict"]
+        unknown = sorted(set(saved) - set(current))
+        shapes = [f"{k} {tuple(v.shape)} vs this model's {tuple(current[k].shape)}" for k, v in saved.items()
+                  if k in current and hasattr(v, "shape") and tuple(v.shape) != tuple(current[k].shape)]
+        missing = [] if checkpoint.get(PARTIAL_KEY) else sorted(set(current) - set(saved))
+        if unknown or shapes or missing:
+            parts = [f"{len(shapes)} shape mismatch(es), e.g. {shapes[0]}" if shapes else "",
+                     f"{len(unknown)} tensor(s) this model lacks, e.g. {unknown[:2]}" if unknown else "",
+                     f"{len(missing)} tensor(s) missing, e.g. {missing[:2]}" if missing else ""]
+            raise InputError("checkpoint does not fit this model (another model.embedder config: LoRA r / "
+                             f"target_modules, pooling, latent size?): {'; '.join(p for p in parts if p)}", source)
+        if checkpoint.get(PARTIAL_KEY):
+            checkpoint["state_dict"] = {**current, **saved}
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+def _others(all_emb: Tensor, all_ids: Tensor, counts: list[int], rank: int) -> tuple[Tensor, Tensor]:
+    """The gathered passages of every rank but ``rank`` (padding rows trimmed)."""
+    others = [r for r in range(len(counts)) if r != rank]
+    return (torch.cat([all_emb[r, : counts[r]] for r in others]),
+            torch.cat([all_ids[r, : counts[r]] for r in others]))
+
+
+def check_finite_hparams(values: dict[str, Any], embedder: EmbedderConfig) -> None:
+    """Every float setting of the module and of ``model.embedder`` (LoRA dropout, latent sizes...) must be finite:
+    NaN passes every ``<=``/``<`` range check (``nan <= 0`` is False), so ``lr: .nan`` would only fail later as an
+    optimizer traceback and ``temperature: .inf`` would train on all-zero logits."""
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"model.{key}", f"must be a finite number, got {value}")
+    _check_finite_dataclass(embedder, "model.embedder")
+
+
+def _check_finite_dataclass(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            _check_finite_dataclass(value, f"{prefix}.{f.name}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}.{f.name}", f"must be a finite number, got {value}")
+
+
 def _validate(temperature: float, perc: float | None, lr: float, weight_decay: float, warmup: int,
               scheduler: str) -> None:
     if temperature <= 0:
@@ -340,15 +483,15 @@ def transformer_layers(backbone: nn.Module) -> list[nn.Module]:
 
 def load_warm_start(embedder: Embedder, source: str) -> None:
     """Copy weights from a Lightning checkpoint (``embedder.*`` keys) or an Embedder folder into ``embedder``."""
+    from nvr.modeling.export import is_distributed_checkpoint, read_checkpoint
+
     path = Path(source).expanduser()
     if not path.exists():
         raise ConfigError("model.init_from", f"{source}: no such checkpoint or folder")
-    if path.is_dir():
+    if path.is_dir() and not is_distributed_checkpoint(path):
         state = Embedder.from_pretrained(path).state_dict()
-    else:
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=False)
-        if "state_dict" not in checkpoint:
-            raise InputError("not a Lightning checkpoint (no 'state_dict')", path)
+    else:  # a .ckpt file or an FSDP2 checkpoint folder; unreadable / truncated / foreign: one line naming it
+        checkpoint = read_checkpoint(path)
         state = {k[len("embedder."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("embedder.")}
     own = embedder.state_dict()
     unknown = sorted(set(state) - set(own))
@@ -357,6 +500,9 @@ def load_warm_start(embedder: Embedder, source: str) -> None:
                          "(pooling, LoRA) as the source run?", path)
     mismatched = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
     if mismatched:
-        raise InputError(f"shape mismatch for {mismatched[:3]}", path)
+        first = mismatched[0]
+        raise InputError(f"{len(mismatched)} shape mismatch(es), e.g. {first} {tuple(state[first].shape)} vs this "
+                         f"model's {tuple(own[first].shape)} (another LoRA r or latent size than the source run?)",
+                         path)
     embedder.load_state_dict(state, strict=False)
     log.info("init_from %s: loaded %d of %d tensors", path, len(state), len(own))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ from typing import IO
 
 from nvr.utils.errors import DiskFullError, OutputExistsError
 
+log = logging.getLogger(__name__)
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _OWNER_RE = re.compile(r"^(?P<host>[0-9a-f]{8})-(?P<pid>\d+)$")
 
@@ -88,7 +90,11 @@ def clean_stale_siblings(path: str | Path) -> list[Path]:
         return []
     prefix = f".{path.name}."
     touched: list[Path] = []
-    for sibling in parent.iterdir():
+    try:
+        siblings = list(parent.iterdir())
+    except OSError:  # an unreadable folder: nothing can be cleaned (the writability checks report it)
+        return []
+    for sibling in siblings:
         name = sibling.name
         if not name.startswith(prefix):
             continue
@@ -100,6 +106,8 @@ def clean_stale_siblings(path: str | Path) -> list[Path]:
             if not path.exists():
                 with contextlib.suppress(OSError):
                     os.replace(sibling, path)
+                    log.warning("%s: restored from %s, the previous result left aside by a killed --overwrite run",
+                                path, sibling.name)
             _remove(sibling)
             touched.append(sibling)
     return touched

@@ -3,7 +3,10 @@
 A file's sha256 is memoized in ``<memo_dir>/files/<sha256(resolved path)[:32]>.json`` together with the file's
 identity ``(resolved path, size, mtime_ns, inode, ctime_ns)``. A user can set the size and mtime of a file (``cp -p``,
 ``os.utime``) but not its inode change time, so a file replaced in place with the same size and mtime is hashed
-again; an unchanged file costs one ``stat`` and one small JSON read.
+again; an unchanged file costs one ``stat`` and one small JSON read. A file changed less than
+:data:`SETTLE_NS` before it was hashed is "racy" (as in git): on a file system with coarse timestamps a later write in
+the same clock tick would leave its identity unchanged, so it is hashed again once that tick has passed before the
+memo is written.
 
 A model's fingerprint is the content of every file of its folder (weights, ``config.json``, every tokenizer file:
 vocabulary, normalizer / lower-casing, special tokens), plus the base model's fingerprint for an nvr LoRA adapter
@@ -16,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,9 @@ _CHUNK = 1 << 22
 _IGNORED_SUFFIXES = (".md", ".lock", ".tmp")
 """Files of a model folder that never change an embedding (model cards, lock and temp files)."""
 NVR_META_FILE = "nvr_embedder.json"
+SETTLE_NS = 50_000_000
+"""Timestamps closer than this to the start of hashing may share a clock tick with a later write (coarse kernel
+timestamps tick every 1-10 ms); file systems with whole-second timestamps get 2 s."""
 
 
 def file_identity(path: str | Path) -> dict[str, Any]:
@@ -67,14 +74,46 @@ def file_sha256(path: str | Path, memo_dir: str | Path | None = None) -> str:
                 return str(record["sha256"])
         except (OSError, ValueError, KeyError, AttributeError):
             pass
+    started = time.time_ns()
     digest = sha256_file(ident["path"])
     # memoize only when the file did not change while it was read, and never create a cache folder just for this
-    if memo is not None and Path(memo_dir).parent.is_dir() and file_identity(path) == ident:
-        try:
-            write_text_atomic(memo, json.dumps({"version": MEMO_VERSION, "identity": ident, "sha256": digest}))
-        except OSError as err:  # a read-only cache only costs a re-hash next time
-            log.debug("cannot memoize the hash of %s in %s: %s", path, memo, err)
+    if memo is None or not Path(memo_dir).parent.is_dir() or file_identity(path) != ident:
+        return digest
+    if _racy(ident, started):
+        # a write in the tick of the file's last change would keep its identity: wait for that tick to pass, then
+        # hash again, so the memoized digest is the content any later identity-preserving write would change
+        wait_ns = _last_change(ident) + _settle_ns(ident) - time.time_ns()
+        if wait_ns > _settle_ns(ident):  # timestamps in the future (clock skew, utime): no tick to wait for
+            return digest
+        time.sleep(max(0, wait_ns) / 1e9)
+        digest = sha256_file(ident["path"])
+        if file_identity(path) != ident:
+            return digest
+    try:
+        write_text_atomic(memo, json.dumps({"version": MEMO_VERSION, "identity": ident, "sha256": digest}))
+    except OSError as err:  # a read-only cache only costs a re-hash next time
+        log.debug("cannot memoize the hash of %s in %s: %s", path, memo, err)
     return digest
+
+
+def _last_change(ident: Mapping[str, Any]) -> int:
+    return max(int(ident["mtime_ns"]), int(ident["ctime_ns"]))
+
+
+def _settle_ns(ident: Mapping[str, Any]) -> int:
+    whole_seconds = ident["mtime_ns"] % 1_000_000_000 == 0 and ident["ctime_ns"] % 1_000_000_000 == 0
+    return 2_000_000_000 if whole_seconds else SETTLE_NS
+
+
+def _racy(ident: Mapping[str, Any], started_ns: int) -> bool:
+    """True when the file changed so shortly before ``started_ns`` that a later write could share its timestamps."""
+    return started_ns < _last_change(ident) + _settle_ns(ident)
+
+
+def settled(mtime_ns: int, ctime_ns: int, started_ns: int) -> bool:
+    """True when a file last changed at (``mtime_ns``, ``ctime_ns``) cannot be rewritten later without changing
+    them, as seen from a check that started at ``started_ns`` (the tick of its last change is over)."""
+    return not _racy({"mtime_ns": mtime_ns, "ctime_ns": ctime_ns}, started_ns)
 
 
 def files_fingerprint(files: Mapping[str, str | Path], memo_dir: str | Path | None = None) -> dict[str, dict]:

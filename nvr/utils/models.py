@@ -47,6 +47,10 @@ def looks_like_local_path(name_or_path: str) -> bool:
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
 """Any one of these marks a folder that holds model weights (full, sharded, or a LoRA adapter of an nvr folder)."""
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "sentencepiece.model", "vocab.model", "tokenizer.tiktoken")
+"""Any one of these holds a tokenizer's vocabulary. Without one, transformers silently builds a tokenizer with an
+empty vocabulary (every word becomes [UNK]) from config.json alone, or fails deep inside a conversion."""
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 PADDING_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "data2vec-text", "xmod",
                         "bart", "mbart")
@@ -73,13 +77,34 @@ def folder_problem(folder: Path) -> str | None:
         weights = [folder / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (folder / n).exists()]
         if not weights:
             return f"{folder}: LoRA folder without adapter_model.safetensors / adapter_model.bin"
-        return _weights_problem(weights)
+        return _weights_problem(weights) or tokenizer_problem(folder)
     if not (folder / "config.json").is_file():
         return f"{folder}: not a model folder (no config.json)"
     weights = [folder / n for n in WEIGHT_FILES if (folder / n).exists()]
     if not weights:
         return f"{folder}: no model weights (expected one of {', '.join(WEIGHT_FILES[:4])})"
-    return _weights_problem(weights)
+    return _weights_problem(weights) or tokenizer_problem(folder)
+
+
+def tokenizer_problem(folder: Path) -> str | None:
+    """Why ``folder`` has no usable tokenizer (None when a vocabulary file is there, or the model's own code
+    provides the tokenizer): checked because transformers would otherwise encode every text as [UNK]."""
+    if any((folder / n).is_file() for n in TOKENIZER_FILES) or any(folder.glob("*.tiktoken")):
+        return None
+    if _remote_tokenizer(folder):
+        return None
+    present = "tokenizer_config.json without a vocabulary" if (folder / "tokenizer_config.json").is_file() else \
+        "no tokenizer files"
+    return f"{folder}: {present} (expected one of {', '.join(TOKENIZER_FILES[:5])})"
+
+
+def _remote_tokenizer(folder: Path) -> bool:
+    """True when tokenizer_config.json names custom code (``auto_map``), which may build its vocabulary itself."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "auto_map" in config
 
 
 def _weights_problem(weights: list[Path]) -> str | None:

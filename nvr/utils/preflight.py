@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nvr.utils.atomic import clean_stale_siblings
 from nvr.utils.errors import OutputExistsError, PathError
 
 if TYPE_CHECKING:
@@ -60,8 +61,10 @@ def _check_writable_folder(folder: Path, key: str | None, shown: Path | None = N
 
 def check_output_dir(path: str | Path, key: str | None = None, overwrite: bool = False) -> None:
     """An output folder: absent (creatable) or, with ``overwrite``, an existing folder beside which a new one
-    can be built."""
+    can be built. Temp siblings left by killed runs are cleaned first (a stale ``.old`` swap-out is put back
+    when the folder is missing), so the checks see the state the final rename will see."""
     path = Path(path).expanduser()
+    clean_stale_siblings(path)
     if path.exists() or path.is_symlink():
         if not path.is_dir():
             raise PathError(path, "exists and is a file; an output folder is needed here", key)
@@ -73,8 +76,10 @@ def check_output_dir(path: str | Path, key: str | None = None, overwrite: bool =
 
 
 def check_output_file(path: str | Path, key: str | None = None, overwrite: bool = False) -> None:
-    """An output file: not an existing folder, absent unless ``overwrite``, in a writable folder."""
+    """An output file: not an existing folder, absent unless ``overwrite``, in a writable folder (temp siblings
+    of killed writers are cleaned first)."""
     path = Path(path).expanduser()
+    clean_stale_siblings(path)
     if path.is_dir():
         raise PathError(path, "is a directory; give a file path", key)
     if path.exists() and not overwrite:
