@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-import torch
 import yaml
+from _cli import checkpoint_step, cli_error
 from _training_data import write_fake_mined
 
 from nvr.cli.lightning_cli import main as lightning_main
-from nvr.cli.main import main as nvr_main
 
 
 def _config(tmp_path: Path, model_dir: Path, beir_dir: Path, lr: float, steps: int, callbacks=None) -> Path:
@@ -32,21 +30,6 @@ def _config(tmp_path: Path, model_dir: Path, beir_dir: Path, lr: float, steps: i
     return path
 
 
-def _step(path: Path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
-
-
-def _cli_error(argv: list[str], capsys) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        nvr_main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith(f"nvr {argv[0]}: error:")]
-    assert len(errors) == 1 and "Traceback" not in err
-    return errors[0]
-
-
 def test_last_holds_the_final_step_when_validation_never_improves(tiny_bert_dir, tiny_beir_dir, tmp_path,
                                                                   capsys) -> None:
     # lr 1e-12: weights (and so val/ndcg@10) never change, so the monitored top-1 stays at step 4
@@ -55,10 +38,10 @@ def test_last_holds_the_final_step_when_validation_never_improves(tiny_bert_dir,
     ckpts = tmp_path / "run" / "checkpoints"
     best = [p for p in ckpts.iterdir() if p.name.startswith("step=")]
     assert [p.name.split("-")[0] for p in best] == ["step=4"]
-    assert _step(ckpts / "last.ckpt") == 12
+    assert checkpoint_step(ckpts / "last.ckpt") == 12
 
     lightning_main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "14"])
-    assert _step(ckpts / "last.ckpt") == 14
+    assert checkpoint_step(ckpts / "last.ckpt") == 14
     assert not list((tmp_path / "run").glob("**/last-v*.ckpt"))
 
     from nvr.cli.lightning_cli import resolve_ckpt_path
@@ -68,19 +51,19 @@ def test_last_holds_the_final_step_when_validation_never_improves(tiny_bert_dir,
     assert lightning_main(["validate", "--config", str(config), "--ckpt_path", "best"]) == 0
 
     # validate/test never fall back to the base model: a run folder without checkpoints is a one-line error
-    err = _cli_error(["validate", "--config", str(config), "--ckpt_path", "last", "--trainer.default_root_dir",
+    err = cli_error(["validate", "--config", str(config), "--ckpt_path", "last", "--trainer.default_root_dir",
                       str(tmp_path / "elsewhere")], capsys)
     assert "ckpt_path" in err and str(tmp_path / "elsewhere" / "checkpoints") in err and "last.ckpt" in err
-    err = _cli_error(["test", "--config", str(config), "--ckpt_path", "best", "--trainer.default_root_dir",
+    err = cli_error(["test", "--config", str(config), "--ckpt_path", "best", "--trainer.default_root_dir",
                       str(tmp_path / "elsewhere")], capsys)
     assert "'best'" in err and "val/ndcg@10" in err
 
     # a missing or truncated checkpoint file: one line naming the file
     missing = tmp_path / "nope.ckpt"
-    assert str(missing) in _cli_error(["validate", "--config", str(config), "--ckpt_path", str(missing)], capsys)
+    assert str(missing) in cli_error(["validate", "--config", str(config), "--ckpt_path", str(missing)], capsys)
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes((ckpts / "last.ckpt").read_bytes()[:5000])
-    err = _cli_error(["fit", "--config", str(config), "--ckpt_path", str(truncated)], capsys)
+    err = cli_error(["fit", "--config", str(config), "--ckpt_path", str(truncated)], capsys)
     assert str(truncated) in err and "truncated" in err
 
 
@@ -92,7 +75,7 @@ def test_resume_from_last_continues_at_the_final_step(tiny_bert_dir, tiny_beir_d
     config = _config(tmp_path, tiny_bert_dir, tiny_beir_dir, lr=1e-12, steps=6, callbacks=callbacks)
     lightning_main(["fit", "--config", str(config)])
     last = tmp_path / "mine" / "last.ckpt"
-    assert _step(last) == 6
+    assert checkpoint_step(last) == 6
 
     from lightning.pytorch.callbacks import Callback
 
@@ -111,4 +94,4 @@ def test_resume_from_last_continues_at_the_final_step(tiny_bert_dir, tiny_beir_d
 
     monkeypatch.setattr(lightning_cli, "default_callbacks", with_probe)
     lightning_main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "7"])
-    assert seen == [6] and _step(last) == 7
+    assert seen == [6] and checkpoint_step(last) == 7

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _cli import assert_one_line_error, run_cli
 from _reliability import copy_beir, leftovers, mine_config, write_yaml
 
-from nvr.cli.main import main as nvr_main
 from nvr.cli.mine import parse_config
 from nvr.utils.atomic import atomic_dir, atomic_file, write_text_atomic
 from nvr.utils.errors import ConfigError, InputError
@@ -43,22 +43,6 @@ def job(beir: Path, tiny_bert_dir: Path, tmp_path: Path) -> Callable[..., Path]:
         return write_yaml(tmp_path / "mine.yaml", cfg)
 
     return make
-
-
-def run_cli(*args: str, capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exc:
-        nvr_main(list(args))
-    return int(exc.value.code or 0), capsys.readouterr().err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str, command: str = "mine") -> str:
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith(f"nvr {command}: error:"), err
-    for fragment in fragments:
-        assert fragment in last, f"{fragment!r} not in {last!r}"
-    return last
 
 
 # ------------------------------------------------------------------------------------ --preset vs --config

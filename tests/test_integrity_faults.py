@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _cli import assert_one_line_error, run_cli
 from _reliability import copy_beir, leftovers, mine_config, write_yaml
 
 from nvr.cli.main import main as nvr_main
@@ -54,22 +55,6 @@ def no_model_load(monkeypatch) -> None:
 
     monkeypatch.setattr(embedder_module.Embedder, "from_config", classmethod(refuse))
     monkeypatch.setattr(embedder_module.Embedder, "from_pretrained", classmethod(refuse))
-
-
-def run_cli(*args: str, capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exc:
-        nvr_main(list(args))
-    return int(exc.value.code or 0), capsys.readouterr().err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str, command: str = "mine") -> str:
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith(f"nvr {command}: error:"), err
-    for fragment in fragments:
-        assert fragment in last, f"{fragment!r} not in {last!r}"
-    return last
 
 
 def hold_lock(path: Path, seconds: float = 60) -> subprocess.Popen:

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from _cli import checkpoint_step, cli_error
 from _training_data import write_fake_mined
 from lightning.pytorch.callbacks import Callback
 
 from nvr.cli.lightning_cli import main as lightning_main
-from nvr.cli.main import main as nvr_main
 
 MC = "lightning.pytorch.callbacks.ModelCheckpoint"
 
@@ -41,35 +41,20 @@ def _config(tmp_path: Path, model_dir: Path, beir_dir: Path, name: str = "fit", 
     return path
 
 
-def _step(path: Path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
-
-
-def _cli_error(argv: list[str], capsys) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        nvr_main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith(f"nvr {argv[0]}: error:")]
-    assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
-    return errors[0]
-
-
 def test_a_fresh_rerun_in_the_same_folder_replaces_last_ckpt(tiny_bert_dir, tiny_beir_dir, tmp_path) -> None:
     """Lightning's version counter wrote the second run's latest state to last-v1.ckpt, so `--ckpt_path last` and
     `init_from: .../last.ckpt` silently took the first run."""
     config = _config(tmp_path, tiny_bert_dir, tiny_beir_dir, steps=6)
     lightning_main(["fit", "--config", str(config)])
     ckpts = tmp_path / "run" / "checkpoints"
-    assert _step(ckpts / "last.ckpt") == 6
+    assert checkpoint_step(ckpts / "last.ckpt") == 6
     lightning_main(["fit", "--config", str(config), "--trainer.max_steps", "4"])
-    assert not list(ckpts.glob("last-v*")) and _step(ckpts / "last.ckpt") == 4
+    assert not list(ckpts.glob("last-v*")) and checkpoint_step(ckpts / "last.ckpt") == 4
 
     from nvr.cli.lightning_cli import resolve_ckpt_path
 
     best = Path(resolve_ckpt_path("best", [ckpts], "validate"))
-    assert _step(best) == 3 and best.name.endswith("-v1.ckpt")  # the second run's best, not the first's
+    assert checkpoint_step(best) == 3 and best.name.endswith("-v1.ckpt")  # the second run's best, not the first's
 
 
 def test_a_configured_checkpoint_without_save_last_still_gets_the_latest_state(tiny_bert_dir, tiny_beir_dir,
@@ -81,13 +66,13 @@ def test_a_configured_checkpoint_without_save_last_still_gets_the_latest_state(t
     config = _config(tmp_path, tiny_bert_dir, tiny_beir_dir, steps=6, callbacks=callbacks)
     lightning_main(["fit", "--config", str(config)])
     assert sorted(p.name for p in own.iterdir()) == ["epoch=0-step=4.ckpt", "last.ckpt"]
-    assert _step(own / "last.ckpt") == 6
+    assert checkpoint_step(own / "last.ckpt") == 6
     lightning_main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "7"])
-    assert _step(own / "last.ckpt") == 7
+    assert checkpoint_step(own / "last.ckpt") == 7
     assert not (tmp_path / "run" / "checkpoints").exists()  # no stray default callbacks next to the user's
 
     # that callback monitors nothing: `best` says so in one line instead of blaming the eval sets
-    err = _cli_error(["validate", "--config", str(config), "--ckpt_path", "best"], capsys)
+    err = cli_error(["validate", "--config", str(config), "--ckpt_path", "best"], capsys)
     assert "'best'" in err and "monitors a metric" in err and str(own) in err
 
     # an explicit save_last: false is respected (and `last` for validate is then a clear error)
@@ -96,7 +81,7 @@ def test_a_configured_checkpoint_without_save_last_still_gets_the_latest_state(t
     config = _config(tmp_path, tiny_bert_dir, tiny_beir_dir, name="off", steps=3, callbacks=callbacks)
     lightning_main(["fit", "--config", str(config)])
     assert not (off / "last.ckpt").exists()
-    assert "no last.ckpt in" in _cli_error(["test", "--config", str(config), "--ckpt_path", "last"], capsys)
+    assert "no last.ckpt in" in cli_error(["test", "--config", str(config), "--ckpt_path", "last"], capsys)
 
 
 def test_best_follows_the_configured_monitor(tiny_bert_dir, tiny_beir_dir, tmp_path) -> None:
@@ -107,7 +92,7 @@ def test_best_follows_the_configured_monitor(tiny_bert_dir, tiny_beir_dir, tmp_p
     config = _config(tmp_path, tiny_bert_dir, tiny_beir_dir, steps=6, lr=5e-2, callbacks=callbacks)
     lightning_main(["fit", "--config", str(config)])
     best = [p for p in own.iterdir() if p.name.startswith("best-")]
-    assert len(best) == 1 and _step(own / "last.ckpt") == 6
+    assert len(best) == 1 and checkpoint_step(own / "last.ckpt") == 6
 
     from nvr.cli import lightning_cli
 
@@ -131,12 +116,12 @@ def test_ckpt_path_to_a_foreign_or_mismatching_checkpoint_is_one_line(tiny_bert_
     plain = tmp_path / "weights.pt"
     torch.save({"w": torch.zeros(2)}, plain)  # a zip with data.pkl, but no Lightning checkpoint
     for sub in ("fit", "validate"):
-        err = _cli_error([sub, "--config", str(config), "--ckpt_path", str(plain)], capsys)
+        err = cli_error([sub, "--config", str(config), "--ckpt_path", str(plain)], capsys)
         assert str(plain) in err and "not a Lightning checkpoint" in err
     lightning_main(["fit", "--config", str(config)])
     # resuming / evaluating with another LoRA r: a RuntimeError listing every key before, one line now
     for sub in ("fit", "validate"):
-        err = _cli_error([sub, "--config", str(config), "--ckpt_path", "last", "--model.embedder.lora.r", "8",
+        err = cli_error([sub, "--config", str(config), "--ckpt_path", "last", "--model.embedder.lora.r", "8",
                           "--trainer.max_steps", "4"], capsys)
         assert "last.ckpt" in err and "shape mismatch" in err and "(4, 32) vs this model's (8, 32)" in err
 
@@ -153,7 +138,7 @@ def test_ckpt_path_to_a_foreign_or_mismatching_checkpoint_is_one_line(tiny_bert_
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(last.read_bytes()[:3000])
     for source, expected in ((last, "(4, 32) vs this model's (8, 32)"), (truncated, "cannot read checkpoint")):
-        err = _cli_error(["fit", "--config", str(config), "--model.embedder.lora.r", "8", "--model.init_from",
+        err = cli_error(["fit", "--config", str(config), "--model.embedder.lora.r", "8", "--model.init_from",
                           str(source)], capsys)
         assert str(source) in err and expected in err
 
