@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# base eval -> `nvr fit --config configs/fit/quickstart_minilm_cranfield.yaml` -> export + eval; ARGS go to fit
 quickstart: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/nvr quickstart
+	HF_HUB_OFFLINE=1 $(BIN)/nvr quickstart $(ARGS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

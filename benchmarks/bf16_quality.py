@@ -30,9 +30,9 @@ TARGET_NDCG_DIFF = 0.002
 
 def run_dtype(data: Path, dtype: str, cache: Path, passage_max_length: int) -> dict:
     """Evaluate + mine with one dtype in one cache; returns metrics, timings, corpus embeddings, mined negatives."""
+    from nvr.config.mining import DataSource, FilterConfig, MineConfig, TeacherConfig
     from nvr.data.beir import load_beir
     from nvr.evaluation.evaluate import evaluate_model
-    from nvr.mining.config import DataSource, FilterConfig, MineConfig, TeacherConfig
     from nvr.mining.mined_set import load_mined
     from nvr.mining.pipeline import mine
     from nvr.teachers.dense import DenseTeacher

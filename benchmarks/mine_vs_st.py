@@ -120,7 +120,7 @@ def role_st(args) -> None:
 
 def role_nvr(args) -> None:
     """``nvr mine``; ``--dtype default`` leaves the teacher dtype unset (what a user's config gets)."""
-    from nvr.mining.config import DataSource, FilterConfig, MineConfig, TeacherConfig
+    from nvr.config.mining import DataSource, FilterConfig, MineConfig, TeacherConfig
     from nvr.mining.mined_set import load_mined
     from nvr.mining.pipeline import mine
 
@@ -197,10 +197,10 @@ def role_floor(args) -> None:
 
 def role_nvr_sweep(args) -> None:
     """Re-filter the candidate table the ``nvr`` role cached: no encoding, no search."""
-    from nvr.mining.config import FilterConfig, SamplerConfig
+    from nvr.config.mining import FilterConfig, SamplerConfig
     from nvr.mining.filters import apply_filter
     from nvr.mining.samplers import select
-    from nvr.mining.table import CandidateTable
+    from nvr.search.table import CandidateTable
 
     t0 = time.perf_counter()
     table_dir = next(p.parent for p in sorted(Path(args.cache).rglob("cand_idx.npy")))

@@ -3,11 +3,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from nvr.config.mining import CrossEncoderConfig, TeacherConfig
 from nvr.data.beir import Corpus, load_beir, positives_from_qrels
 from nvr.mining.build import build_candidate_table, mark_positives
-from nvr.mining.config import CrossEncoderConfig, TeacherConfig
-from nvr.mining.search import doc_id_order
-from nvr.mining.table import CandidateTable
+from nvr.search.exact import doc_id_order
+from nvr.search.table import CandidateTable
 
 
 class VectorTeacher:
@@ -22,7 +22,7 @@ class VectorTeacher:
         self.calls = 0
 
     def rank_corpus(self, query_texts, corpus, k, pair_idx, doc_order=None, memory_mb=1024):
-        from nvr.mining.search import exact_topk, score_pairs
+        from nvr.search.exact import exact_topk, score_pairs
 
         self.calls += 1
         q = np.stack([self.query_vecs[t] for t in query_texts])

@@ -17,7 +17,7 @@ import pytest
 
 from nvr.data.beir import Corpus
 from nvr.mining.build import build_candidate_table
-from nvr.mining.table import CandidateTable, CorruptTableError
+from nvr.search.table import CandidateTable, CorruptTableError
 from nvr.teachers.cache import EmbeddingCache
 from nvr.utils.checksum import sidecar, verify_sidecar
 from nvr.utils.errors import InputError
@@ -144,7 +144,7 @@ class CountingTeacher:
         rng = np.random.default_rng(0)
         q = rng.normal(size=(len(query_texts), 4)).astype(np.float32)
         d = rng.normal(size=(len(corpus), 4)).astype(np.float32)
-        from nvr.mining.search import exact_topk, score_pairs
+        from nvr.search.exact import exact_topk, score_pairs
 
         s, i = exact_topk(q, d, k, doc_order=doc_order)
         rows = np.broadcast_to(np.arange(len(q))[:, None], pair_idx.shape)
@@ -170,7 +170,7 @@ def test_corrupted_cached_table_is_rebuilt_with_a_warning(tmp_path, caplog, targ
     damage(entry / target)
     with pytest.raises(CorruptTableError, match=target):
         CandidateTable.load(entry)
-    with caplog.at_level(logging.WARNING, logger="nvr.mining.table"):
+    with caplog.at_level(logging.WARNING, logger="nvr.search.table"):
         again = _build(teacher, tmp_path)
     assert teacher.calls == 2
     np.testing.assert_array_equal(again.cand_idx, good.cand_idx)
@@ -208,7 +208,7 @@ def tiny_ce_dir(tmp_path_factory) -> Path:
 
 
 def test_corrupted_cross_encoder_scores_are_recomputed(tiny_ce_dir, tmp_path, caplog) -> None:
-    from nvr.mining.config import CrossEncoderConfig
+    from nvr.config.mining import CrossEncoderConfig
     from nvr.teachers.cross_encoder import CrossEncoderRescorer
 
     table = _build(CountingTeacher(), tmp_path)
@@ -221,7 +221,7 @@ def test_corrupted_cross_encoder_scores_are_recomputed(tiny_ce_dir, tmp_path, ca
     calls: list[int] = []
     real = rescorer.score
     rescorer.score = lambda q, p: calls.append(len(q)) or real(q, p)
-    with caplog.at_level(logging.WARNING, logger="nvr.mining.table"):
+    with caplog.at_level(logging.WARNING, logger="nvr.search.table"):
         again = rescorer.rescore(table, texts, _corpus())
     assert calls, "the corrupted scores were recomputed"
     np.testing.assert_array_equal(again.cand_scores, first.cand_scores)
@@ -230,7 +230,7 @@ def test_corrupted_cross_encoder_scores_are_recomputed(tiny_ce_dir, tmp_path, ca
 
 # ------------------------------------------------------------------------------------------------ mined sets
 def _mine_small(beir: Path, bert: Path, out: Path, cache: Path) -> Path:
-    from nvr.mining.config import DataSource, FilterConfig, MineConfig, TeacherConfig
+    from nvr.config.mining import DataSource, FilterConfig, MineConfig, TeacherConfig
     from nvr.mining.pipeline import mine
 
     teacher = TeacherConfig(name="tiny", model_name_or_path=str(bert), device="cpu", batch_size=16,
@@ -273,7 +273,7 @@ def test_edited_mined_jsonl_with_same_row_count_is_refused(tiny_beir_dir, tiny_b
 
 
 def test_corrupted_cache_owned_mined_set_is_re_mined(tiny_beir_dir, tiny_bert_dir, tmp_path, caplog) -> None:
-    from nvr.mining.config import DataSource, FilterConfig, MineConfig, TeacherConfig
+    from nvr.config.mining import DataSource, FilterConfig, MineConfig, TeacherConfig
     from nvr.mining.mined_set import MINED_FILE, load_mined
     from nvr.training.datamodule import MinedDataModule
 

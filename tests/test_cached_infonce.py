@@ -270,3 +270,33 @@ def test_ddp_cached_gather_and_teacher_mask_match_the_union_batch_reference(tiny
     (sum(losses) / WORLD).backward()
     for rank in range(WORLD):
         _assert_close(_load(tmp_path, rank, "grads0"), _grads(reference))
+
+
+# ------------------------------------------------------------------------- extended objective (issues 12, 13)
+@pytest.mark.parametrize("objective", [
+    dict(loss="infonce+kd", kd_weight=0.5, multi_positive="each", self_mask_margin=0.05,
+         matryoshka_dims=[32, 8], matryoshka_weights=[1.0, 0.5]),
+    dict(loss="kd", kd_teacher_temperature=0.1, matryoshka_dims=[16]),
+    dict(multi_positive="logsumexp", self_mask_margin=0.0),
+], ids=["infonce+kd-each-selfmask-matryoshka", "kd-only", "logsumexp-selfmask0"])
+def test_cached_gradients_equal_the_uncached_objective(objective, tiny_bert_dir, mined) -> None:
+    """C1 batch (an extra-positive column, absent on every other example), KD, self-masking and Matryoshka: the
+    cached step's gradients equal the one-graph loss over the same mini-batch forwards."""
+    from _c1_batches import relabel_c1, with_scores
+
+    limits = (3, None)
+    batch = relabel_c1(with_scores(_batch(tiny_bert_dir, mined)))
+    module = _module(tiny_bert_dir, mini_batch_size=limits[0], **objective)
+    reference = _module(tiny_bert_dir, **objective)
+    reference.load_state_dict(module.state_dict())
+    torch.manual_seed(11)
+    size, group = batch["passage_ids"].shape
+    queries = _encode_chunks(reference, batch["query"], limits)
+    passages = _encode_chunks(reference, batch["passages"], limits).reshape(size, group, -1)
+    loss = reference._objective(queries, passages, batch, None, None).loss
+    loss.backward()
+    torch.manual_seed(11)
+    leaf = module.training_step(batch, 0)
+    assert float(leaf.detach()) == pytest.approx(float(loss.detach()), rel=1e-6)
+    module.backward(leaf)
+    _assert_close(_grads(module), _grads(reference))

@@ -7,8 +7,8 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from nvr.cli.lightning_cli import main
+from nvr.config.mining import MineConfig
 from nvr.evaluation.data import EvalSetConfig
-from nvr.mining.config import MineConfig
 from nvr.modeling.config import EmbedderConfig
 
 FIT_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "fit").glob("*.yaml"))

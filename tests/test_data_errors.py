@@ -235,7 +235,7 @@ def test_load_beir_cross_checks_qrels_ids(tmp_path: Path) -> None:
     [
         ([{"query": "a", "positive": "x"}, {"query": "b", "positive_ids": ["d1", "zz"]}], 2,
          "unknown positive id 'zz'"),
-        ([{"query": "a"}], 1, "no 'positive', 'positives' or 'positive_ids'"),
+        ([{"query": "a"}], 1, "row has no positive: 'positive', 'positives' or 'positive_ids' are all missing"),
         ([{"query": "", "positive": "x"}], 1, "'query' must be a non-empty string"),
         ([{"positive": "x"}], 1, "'query' must be a non-empty string"),
         ([{"query": "a", "positives": "x"}], 1, "'positives' must be a list"),

@@ -223,3 +223,56 @@ def test_load_pairs_same_text_with_other_query_id_merges_into_the_first(tmp_path
     new_id = "pos:" + text_key("new text")[:16]
     assert queries.ids == ["a"] and positives == {"a": [new_id, "d2", "d1"]}
     assert out.ids == ["d1", "d2", new_id] and corpus.ids == ["d1", "d2"]
+
+
+# --- columns and formats ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("roles", ["PAIR_ROLES", "CORPUS_ROLES"])
+def test_no_column_name_feeds_two_fields(roles: str) -> None:
+    from nvr.data import columns
+
+    names = [n for r in getattr(columns, roles) for n in (*r.native, *r.aliases)]
+    assert len(names) == len(set(names))
+
+
+def test_nvr_names_win_over_sentence_transformers_names(tmp_path: Path) -> None:
+    path = tmp_path / "p.csv"
+    path.write_text("anchor,query,positive,text\ndecoy,real query,real positive,decoy text\n", encoding="utf-8")
+    queries, positives, corpus = load_pairs(path)
+    assert queries.texts == ["real query"] and corpus.texts == ["real positive"]
+
+
+def test_numbered_and_named_negatives_are_all_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from nvr.data.pairs import read_pairs
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"anchor": ["q"], "positive": ["p"], "negative": ["n0"], "negative_1": ["n1"],
+                             "negative_2": [None], "label": [1]}), path)
+    with caplog.at_level(logging.WARNING):
+        pairs = read_pairs(path)
+    assert "column 'label' is ignored: every row is read as a relevant (query, positive) pair" in caplog.text
+    assert pairs.corpus.texts == ["p", "n0", "n1"] and pairs.given_negatives == 2
+    assert pairs.corpus.ids[1] == "neg:" + text_key("n0")[:16]
+
+
+def test_csv_with_bom_crlf_scalar_id_columns_and_empty_cells(tmp_path: Path) -> None:
+    corpus = Corpus(["d1", "d2"], ["", ""], ["alpha", "beta"])
+    path = tmp_path / "p.csv"
+    path.write_bytes("\ufeffquery_id,query,positive,positive_ids\r\n,first,,d2\r\n7,second,gamma,\r\n".encode())
+    queries, positives, out = load_pairs(path, corpus)
+    assert queries.ids == ["q:" + text_key("first")[:16], "7"]
+    assert list(positives.values()) == [["d2"], ["pos:" + text_key("gamma")[:16]]]
+
+
+def test_text_corpus_ids_are_content_hashes_stable_under_reordering(tmp_path: Path) -> None:
+    from nvr.data.corpus_file import content_id, load_corpus_file
+
+    a = tmp_path / "a.txt"
+    a.write_text("alpha\nbeta\n", encoding="utf-8")
+    b = tmp_path / "b.txt.gz"
+    with gzip.open(b, "wt", encoding="utf-8") as fh:
+        fh.write("\ufeffbeta\r\n\r\nalpha\r\n")
+    ca, cb = load_corpus_file(a), load_corpus_file(b)
+    assert ca.ids == [content_id("alpha"), content_id("beta")] and cb.ids == ca.ids[::-1]
+    assert cb.texts == ["beta", "alpha"]

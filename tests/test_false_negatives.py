@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nvr.config.mining import DataSource, FilterConfig, MineConfig, SamplerConfig, TeacherConfig
 from nvr.data.beir import Corpus
 from nvr.mining.build import exclusion_reasons, mark_positives
-from nvr.mining.config import DataSource, FilterConfig, MineConfig, SamplerConfig, TeacherConfig
 from nvr.mining.filters import Reason, apply_filter
 from nvr.mining.pipeline import load_data, mined_rows, run_mining
-from nvr.mining.table import CandidateTable
+from nvr.search.table import CandidateTable
 
 WORDS = "apple river stone cloud forest engine silver garden winter candle".split()
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nvr.config.mining import CrossEncoderConfig, DataSource, FilterConfig, MineConfig, TeacherConfig
 from nvr.data.beir import load_beir, positives_from_qrels
 from nvr.mining.build import build_candidate_table
-from nvr.mining.config import CrossEncoderConfig, DataSource, FilterConfig, MineConfig, TeacherConfig
 from nvr.teachers.dense import DenseTeacher
 from nvr.utils import fingerprint as fp_module
 

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from nvr.cli.main import main as nvr_main
+from nvr.config.mining import DataSource, FilterConfig, MineConfig, SamplerConfig, TeacherConfig
 from nvr.data.beir import load_qrels
-from nvr.mining.config import DataSource, FilterConfig, MineConfig, SamplerConfig, TeacherConfig
 from nvr.mining.export import to_flagembedding, to_sentence_transformers
 from nvr.mining.mined_set import load_mined
 from nvr.mining.pipeline import content_config, mine, mining_fingerprint
@@ -321,7 +321,7 @@ def test_pairs_file_mode_with_new_positive_text_and_max_queries(tiny_beir_dir, t
 
 
 def test_cross_encoder_rescoring_changes_scores_and_provenance(tiny_beir_dir, tiny_bert_dir, cache_dir, tmp_path):
-    from nvr.mining.config import CrossEncoderConfig
+    from nvr.config.mining import CrossEncoderConfig
 
     ce = CrossEncoderConfig(model_name_or_path=str(tiny_bert_dir), device="cpu", max_length=64)
     cfg = make_cfg(tiny_beir_dir, tiny_bert_dir, tmp_path / "o", cache_dir, cross_encoder=ce,

@@ -3,11 +3,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nvr.mining.config import FilterConfig
+from nvr.config.mining import FilterConfig
 from nvr.mining.ensembles import align_rows, cross_sample, intra_sample, per_teacher_selections
 from nvr.mining.filters import apply_filter
 from nvr.mining.samplers import ranked_survivors
-from nvr.mining.table import CandidateTable
+from nvr.search.table import CandidateTable
 from nvr.utils.seeding import rng_for
 
 DOC_IDS = [f"d{i}" for i in range(12)]

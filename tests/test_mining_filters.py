@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from nvr.mining.config import FilterConfig
+from nvr.config.mining import FilterConfig
 from nvr.mining.filters import (
     Reason,
     anchor_scores,
@@ -18,7 +18,7 @@ from nvr.mining.filters import (
     topk_percpos,
     topk_shifted,
 )
-from nvr.mining.table import CandidateTable
+from nvr.search.table import CandidateTable
 
 NAN = np.nan
 

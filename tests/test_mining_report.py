@@ -4,14 +4,15 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
+from nvr.config.mining import FilterConfig
 from nvr.mining.audit import write_audit
-from nvr.mining.config import FilterConfig
 from nvr.mining.ensembles import intra_sample, per_teacher_selections
 from nvr.mining.filters import apply_filter
 from nvr.mining.report import build_report, first_positive_rank, jaccard_overlap, plot_report, summary_lines
 from nvr.mining.samplers import ranked_survivors
-from nvr.mining.table import CandidateTable
+from nvr.search.table import CandidateTable
 
 NAN = np.nan
 DOC_IDS = [f"d{i}" for i in range(10)]
@@ -95,3 +96,70 @@ def test_plot_and_audit_files(tmp_path):
     assert pos["reason"] == "positive" and not pos["selected"]
     assert sum(r["selected"] for r in df) == 4
     assert {r["query_id"] for r in df if r["query_written"]} == {"q1"}
+
+
+# ------------------------------------------------------------------------------------------ report figure
+def vertical_lines(ax) -> list[float]:
+    """x of every axvline (a Line2D whose two x values are equal)."""
+    return [float(line.get_xdata()[0]) for line in ax.lines
+            if len(line.get_xdata()) == 2 and line.get_xdata()[0] == line.get_xdata()[1]]
+
+
+def figure_for(cfg: FilterConfig, teachers=("A", "B")):
+    import matplotlib.pyplot as plt
+
+    from nvr.mining.report import report_figure
+
+    tables, _, _, _ = fixture()
+    tables = [t for t in tables if t.teacher in teachers]
+    results = [apply_filter(t, cfg) for t in tables]
+    fig = report_figure(intra_sample(tables, results, 2, dedup=False), tables, results)
+    plt.close(fig)
+    return fig
+
+
+@pytest.mark.parametrize("cfg, rule, score_lines, threshold_lines", [
+    (FilterConfig(method="topk_percpos", perc=0.95), "TopK-PercPos: n < 0.95 x positive", [], [0.95]),
+    (FilterConfig(method="topk_marginpos", margin=0.05), "TopK-MarginPos: n < positive - 0.05", [], [0.05]),
+    (FilterConfig(method="topk_abs", max_score=0.7), "TopK-Abs: n < 0.7", [0.7], []),
+    (FilterConfig(method="topk_abs", max_score=0.7, min_score=0.1), "TopK-Abs: n < 0.7, n >= 0.1", [0.7, 0.1], []),
+    (FilterConfig(method="naive_topk"), "naive top-k", [], []),
+    (FilterConfig(method="topk_shifted", shift=1), "top-k shifted by 1", [], []),
+])
+def test_report_figure_names_method_threshold_teacher_and_draws_the_threshold(cfg, rule, score_lines,
+                                                                              threshold_lines):
+    fig = figure_for(cfg)
+    title = fig._suptitle.get_text()
+    assert rule in title and "teachers A, B" in title
+    scores_ax, threshold_ax = fig.axes[:2]
+    assert vertical_lines(scores_ax) == pytest.approx(score_lines)
+    assert vertical_lines(threshold_ax) == pytest.approx(threshold_lines)
+    lo, hi = threshold_ax.get_xlim()
+    assert all(lo < x < hi for x in threshold_lines)
+    expected = "first negative / positive" if cfg.method == "topk_percpos" else "positive - first negative"
+    assert threshold_ax.get_xlabel() == expected
+
+
+def test_report_title_of_one_teacher_and_of_teachers_with_their_own_filters():
+    from nvr.mining.report import report_title
+
+    assert report_title(["minilm"], [FilterConfig(perc=0.9)]) == \
+        "TopK-PercPos: n < 0.9 x positive (anchor: min of positives) | teacher minilm"
+    mixed = report_title(["dense", "bm25"], [FilterConfig(perc=0.9), FilterConfig(method="topk_abs", max_score=12)])
+    assert mixed == "dense: TopK-PercPos: n < 0.9 x positive (anchor: min of positives) | bm25: TopK-Abs: n < 12"
+
+
+def test_report_threshold_axis_is_clipped_to_robust_quantiles():
+    import matplotlib.pyplot as plt
+
+    from nvr.mining.report import _clipped_hist, _robust_limits
+
+    values = np.concatenate([np.linspace(0.4, 0.9, 400), [35.0, 80.0]])  # two near-zero positive anchors
+    limits = _robust_limits(values, [0.95])
+    assert limits[0] < 0.4 and 0.95 < limits[1] < 2.0
+    fig, ax = plt.subplots()
+    ax.set_xlabel("first negative / positive")
+    assert _clipped_hist(ax, values, limits, "queries") == 2
+    assert ax.get_xlim() == pytest.approx(limits)
+    assert ax.get_xlabel() == "first negative / positive (2 queries outside the axis)"
+    plt.close(fig)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nvr.mining.config import SamplerConfig
+from nvr.config.mining import SamplerConfig
 from nvr.mining.samplers import gumbel_top_k, ranked_survivors, select
 from nvr.utils.errors import ConfigError
 from nvr.utils.seeding import rng_for

@@ -134,3 +134,84 @@ def test_st_roundtrip_real_minilm(minilm_dir, tmp_path) -> None:
     st_q, st_p = _st(out)
     np.testing.assert_allclose(st_q, ours_q, atol=1e-5)
     np.testing.assert_allclose(st_p, ours_p, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- push_to_hub
+class FakeHfApi:
+    """Records what `nvr export --push_to_hub` asks of huggingface_hub (no network)."""
+
+    calls: list[tuple[str, tuple, dict]] = []
+
+    def __init__(self, **kwargs) -> None:
+        FakeHfApi.calls.append(("init", (), kwargs))
+
+    def create_repo(self, repo_id, **kwargs):
+        FakeHfApi.calls.append(("create_repo", (repo_id,), kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kwargs):
+        from pathlib import Path
+
+        folder = Path(kwargs["folder_path"])
+        FakeHfApi.calls.append(("upload_folder", (), {**kwargs, "files": sorted(
+            str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())}))
+        return "commit"
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub
+
+    FakeHfApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return FakeHfApi.calls
+
+
+def test_push_to_hub_creates_the_repo_and_uploads_the_export(tiny_bert_dir, tmp_path, fake_hub, capsys) -> None:
+    from nvr.cli.export import main
+
+    emb = Embedder.from_config(EmbedderConfig(str(tiny_bert_dir)))
+    _fake_checkpoint(emb, tmp_path / "a.ckpt", emb.config)
+    out = tmp_path / "st"
+    assert main(["--checkpoint", str(tmp_path / "a.ckpt"), "--output", str(out), "--push_to_hub", "me/tiny-nvr",
+                 "--private", "--token", "hf_secret"]) == 0
+    (_, _, init), (_, repo, create), (_, _, upload) = fake_hub
+    assert init["token"] == "hf_secret"
+    assert repo == ("me/tiny-nvr",) and create == {"private": True, "repo_type": "model", "exist_ok": True}
+    assert upload["repo_id"] == "me/tiny-nvr" and upload["repo_type"] == "model"
+    assert upload["folder_path"] == str(out) and "a.ckpt" in upload["commit_message"]
+    assert {"README.md", "modules.json", "config.json", "model.safetensors", "1_Pooling/config.json"} <= \
+        set(upload["files"])
+    assert "uploaded to https://huggingface.co/me/tiny-nvr" in capsys.readouterr().out
+
+
+def test_push_to_hub_arguments_are_checked_before_exporting(tiny_bert_dir, tmp_path, fake_hub, monkeypatch,
+                                                            capsys) -> None:
+    from _cli import cli_error
+
+    base = ["export", "--embedder", str(tmp_path / "never-read"), "--output", str(tmp_path / "o")]
+    assert "user/name" in cli_error([*base, "--push_to_hub", "no-slash"], capsys)
+    assert "user/name" in cli_error([*base, "--push_to_hub", "a/b/c"], capsys)
+    assert "only apply with --push_to_hub" in cli_error([*base, "--private"], capsys)
+    assert "only apply with --push_to_hub" in cli_error([*base, "--token", "hf_x"], capsys)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "HF_HUB_OFFLINE" in cli_error([*base, "--push_to_hub", "me/x"], capsys)
+    assert fake_hub == [] and not (tmp_path / "o").exists()
+
+
+def test_push_to_hub_refusal_is_one_line(tiny_bert_dir, tmp_path, fake_hub, monkeypatch, capsys) -> None:
+    import httpx2
+    from _cli import cli_error
+    from huggingface_hub.errors import HfHubHTTPError
+
+    def refuse(self, repo_id, **kwargs):
+        response = httpx2.Response(403, request=httpx2.Request("POST", "https://huggingface.co/api/repos/create"))
+        raise HfHubHTTPError("403 Forbidden: you cannot create repos under 'someone'\nmore detail", response=response)
+
+    monkeypatch.setattr(FakeHfApi, "create_repo", refuse)
+    emb = Embedder.from_config(EmbedderConfig(str(tiny_bert_dir)))
+    emb.save_pretrained(tmp_path / "emb")
+    line = cli_error(["export", "--embedder", str(tmp_path / "emb"), "--output", str(tmp_path / "o"),
+                      "--push_to_hub", "someone/x"], capsys)
+    assert "someone/x" in line and "403 Forbidden" in line

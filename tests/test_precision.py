@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nvr.utils.precision as precision_module
-from nvr.mining.config import CrossEncoderConfig, TeacherConfig
+from nvr.config.mining import CrossEncoderConfig, TeacherConfig
 from nvr.modeling.config import EmbedderConfig
 from nvr.modeling.embedder import Embedder
 from nvr.modeling.encode import budget_batches, encode_texts, token_lengths

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nvr.mining.config import DataSource, FilterConfig, MineConfig, TeacherConfig
+from nvr.config.mining import DataSource, FilterConfig, MineConfig, TeacherConfig
 from nvr.mining.mined_set import MANIFEST_FILE, MINED_FILE, load_mined, mined_problem, verify_mined
 from nvr.teachers import cache as cache_module
 from nvr.teachers.cache import EmbeddingCache

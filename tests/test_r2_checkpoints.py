@@ -54,7 +54,8 @@ def test_a_fresh_rerun_in_the_same_folder_replaces_last_ckpt(tiny_bert_dir, tiny
     from nvr.cli.lightning_cli import resolve_ckpt_path
 
     best = Path(resolve_ckpt_path("best", [ckpts], "validate"))
-    assert checkpoint_step(best) == 3 and best.name.endswith("-v1.ckpt")  # the second run's best, not the first's
+    # the second run's best, not the first's: same name, overwritten (no version counter), never a stale -v1
+    assert checkpoint_step(best) == 3 and not list(ckpts.glob("*-v1.ckpt"))
 
 
 def test_a_configured_checkpoint_without_save_last_still_gets_the_latest_state(tiny_bert_dir, tiny_beir_dir,

@@ -18,8 +18,8 @@ import yaml
 from test_false_negatives import bm25_cfg, filler_docs, write_beir
 
 from nvr.cli.main import main as nvr_main
+from nvr.config.mining import DataSource, FilterConfig
 from nvr.data.beir import load_beir
-from nvr.mining.config import DataSource, FilterConfig
 from nvr.mining.export import to_flagembedding, to_sentence_transformers
 from nvr.mining.pipeline import load_data, mine
 from nvr.utils.atomic import owner_tag

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from _reliability import finish, mine_config, start_nvr, subprocess_env, write_yaml
 
-from nvr.mining.config import DataSource, FilterConfig, MineConfig, SamplerConfig, TeacherConfig
+from nvr.config.mining import DataSource, FilterConfig, MineConfig, SamplerConfig, TeacherConfig
 from nvr.mining.pipeline import mine
 
 pytestmark = pytest.mark.slow

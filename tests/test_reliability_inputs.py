@@ -160,7 +160,8 @@ def test_no_query_with_positives_is_fatal(job, tmp_path: Path, capsys) -> None:
 # ---------------------------------------------------------------------------------------------- config
 CONFIG_FAULTS: dict[str, tuple[dict, tuple[str, ...]]] = {
     "unknown_key": ({"filtr": {"perc": 0.9}}, ("filtr",)),
-    "unknown_nested_key": ({"filter": {"method": "topk_percpos", "percent": 0.9}}, ("'filter'", "'percent'")),
+    "unknown_nested_key": ({"filter": {"method": "topk_percpos", "percent": 0.9}},
+                           ("'filter.percent'", "did you mean 'filter.perc'")),
     "wrong_type": ({"num_negatives": "four"}, ("num_negatives", "four")),
     "bad_choice": ({"filter": {"method": "topk_margin"}}, ("filter.method", "topk_margin")),
     "perc_zero": ({"filter": {"method": "topk_percpos", "perc": 0.0}}, ("'filter.perc'", "(0, 2]")),

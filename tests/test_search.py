@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nvr.mining import search
-from nvr.mining.search import exact_topk, score_pairs
+from nvr.search import exact as search
+from nvr.search.exact import exact_topk, score_pairs
 
 
 def brute_force(queries: np.ndarray, docs: np.ndarray, k: int, doc_order: np.ndarray | None = None):
@@ -128,7 +128,7 @@ def test_numpy_fallback_peak_memory_stays_within_budget(monkeypatch, n_queries, 
     ``memory_mb`` (they peaked at ~4x before). Only per-query result buffers may come on top."""
     import tracemalloc
 
-    from nvr.mining import search
+    from nvr.search import exact as search
 
     monkeypatch.setattr(search, "_coarse_backend", lambda use_gpu: search._numpy_knn)
     rng = np.random.default_rng(0)
@@ -158,7 +158,7 @@ def test_numpy_fallback_memory_with_k_beyond_a_block_or_the_corpus(monkeypatch, 
     O(fetch) sort scratch may come on top; no O(D) order array is built when ``doc_order`` is None."""
     import tracemalloc
 
-    from nvr.mining import search
+    from nvr.search import exact as search
 
     monkeypatch.setattr(search, "_coarse_backend", lambda use_gpu: search._numpy_knn)
     rng = np.random.default_rng(1)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import nvr.modeling.encode as encode_module
+from nvr.config.mining import TeacherConfig
 from nvr.data.beir import load_beir
 from nvr.evaluation.callback import RetrievalEvaluator
 from nvr.evaluation.data import EvalSetConfig, build_eval_dataloaders, load_eval_sets
 from nvr.evaluation.evaluate import evaluate_model
-from nvr.mining.config import TeacherConfig
 from nvr.modeling.config import EmbedderConfig, LoraSettings
 from nvr.teachers.dense import DenseTeacher
 from nvr.training.module import BiEncoderModule
@@ -159,23 +159,3 @@ def test_trained_steps_never_use_the_cache(tiny_bert_dir, tmp_path):
         assert evaluator._frozen_reuse(types.SimpleNamespace(**{**vars(frozen), **change}), module) is None
     assert RetrievalEvaluator()._frozen_reuse(frozen, module) is None  # no cache configured
 
-
-def test_quickstart_encodes_the_corpus_twice(tiny_beir_dir, tiny_bert_dir, tmp_path, encode_calls, monkeypatch):
-    """Base eval + mining share one encode (mining runs first, in prepare_data); the trained eval encodes again."""
-    import nvr.evaluation.data as data_module
-    from nvr.cli.quickstart import main
-
-    corpus_rows: list[int] = []
-    real_call = data_module.EvalCollator.__call__
-
-    def counting(self, positions):
-        if self.kind == "corpus":
-            corpus_rows.append(len(positions))
-        return real_call(self, positions)
-
-    monkeypatch.setattr(data_module.EvalCollator, "__call__", counting)
-    n_docs = len(load_beir(str(tiny_beir_dir), "test").corpus)
-    assert main(["--data", str(tiny_beir_dir), "--model", str(tiny_bert_dir), "--output", str(tmp_path / "qs"),
-                 "--max_steps", "2", "--batch_size", "4", "--num_negatives", "2"]) == 0
-    teacher_corpus_encodes = encode_calls.count(n_docs)
-    assert teacher_corpus_encodes == 1 and sum(corpus_rows) == n_docs  # 1 by mining + 1 after training

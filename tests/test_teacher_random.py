@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nvr.config.mining import DataSource, FilterConfig, MineConfig, TeacherConfig
 from nvr.data.beir import load_beir, positives_from_qrels
 from nvr.mining.build import build_candidate_table
-from nvr.mining.config import DataSource, FilterConfig, MineConfig, TeacherConfig
 from nvr.mining.mined_set import load_mined
 from nvr.mining.pipeline import make_teacher, mine
 from nvr.teachers.random import RandomTeacher, random_scores, sample_docs

@@ -132,7 +132,7 @@ def test_stale_temp_files_of_a_killed_run_are_removed_on_resume(tmp_path) -> Non
 
 
 def test_teacher_shard_size_is_validated_and_reaches_the_cache(tiny_bert_dir, tmp_path) -> None:
-    from nvr.mining.config import TeacherConfig
+    from nvr.config.mining import TeacherConfig
     from nvr.teachers.dense import DenseTeacher
     from nvr.utils.errors import ConfigError
 
@@ -169,7 +169,7 @@ def small_corpus():
 
 
 def test_bm25_ranks_matching_doc_first_and_scores_pairs() -> None:
-    from nvr.mining.config import TeacherConfig
+    from nvr.config.mining import TeacherConfig
     from nvr.teachers.bm25 import BM25Teacher
 
     corpus = small_corpus()
@@ -196,7 +196,7 @@ def test_bm25_ranks_matching_doc_first_and_scores_pairs() -> None:
 
 
 def test_dense_teacher_encodes_through_cache(tiny_bert_dir, tmp_path, monkeypatch) -> None:
-    from nvr.mining.config import TeacherConfig
+    from nvr.config.mining import TeacherConfig
     from nvr.teachers.dense import DenseTeacher
 
     cfg = TeacherConfig(name="tiny", model_name_or_path=str(tiny_bert_dir), query_prefix="query :", batch_size=4,

@@ -297,3 +297,103 @@ def test_export_reads_a_distributed_checkpoint_folder(tiny_bert_dir, tmp_path) -
     with torch.no_grad():
         expected = module.encode(features).float()
     torch.testing.assert_close(exported, expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- extended objective (issues 12, 13)
+def _objective_module(model_dir: Path, **kw) -> BiEncoderModule:
+    cfg = EmbedderConfig(model_name_or_path=str(model_dir), pooling="mean")
+    args = dict(temperature=TEMPERATURE, gather_across_devices=True, lr=1e-3, weight_decay=0.0, warmup_steps=0,
+                scheduler="constant", seed=SEED, loss="infonce+kd", kd_weight=0.5, self_mask_margin=0.05,
+                matryoshka_dims=[32, 8])
+    return BiEncoderModule(cfg, **{**args, **kw})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cached", [False, True], ids=["plain", "cached"])
+def test_ddp_extended_objective_matches_the_loop_reference(cached, tiny_bert_dir, mined30, tmp_path) -> None:
+    """2 gloo ranks, cross-device negatives, C1 batches with an extra positive, KD, self-masking and Matryoshka:
+    each rank's step-0 loss equals a plain-loop reference over the union batch and the synchronised gradient the
+    mean of the per-rank losses' gradients."""
+    from _c1_batches import C1DataModule
+    from test_kd import reference_kd
+    from test_loss import reference_loss
+
+    from nvr.modeling.matryoshka import truncate
+
+    kw = dict(mini_batch_size=3) if cached else {}
+    module = _objective_module(tiny_bert_dir, **kw)
+    initial = {k: v.clone() for k, v in module.state_dict().items()}
+    data = _data(tiny_bert_dir, mined30, C1DataModule)
+    data.c1_kwargs = {"dataset": "toy"}
+    _fit_ddp_spawn(module, data, tmp_path, max_steps=2)
+    ends = [_load(tmp_path, r, "end") for r in range(WORLD)]
+    for name, value in ends[0]["weights"].items():
+        torch.testing.assert_close(ends[1]["weights"][name], value, rtol=0, atol=0, msg=name)
+
+    batches = [_load(tmp_path, r, "batch0") for r in range(WORLD)]
+    assert all(b["num_extra_positives"] == 1 for b in batches)
+    reference = _objective_module(tiny_bert_dir)
+    reference.load_state_dict(initial)
+    reference.train()
+    if cached:
+        from test_cached_infonce import _encode_chunks
+
+        encoded = []
+        for rank, batch in enumerate(batches):
+            torch.manual_seed(derive_seed(SEED, "step", 0, rank) % (2**63))
+            size, group = batch["passage_ids"].shape
+            encoded.append((_encode_chunks(reference, batch["query"], (3, None)),
+                            _encode_chunks(reference, batch["passages"], (3, None)).reshape(size, group, -1)))
+    else:
+        encoded = _encode_rank_batches(reference, batches, step=0)
+    losses = []
+    for rank, batch in enumerate(batches):
+        q, p = encoded[rank]
+        other = 1 - rank
+        remote, remote_ids = encoded[other][1].reshape(-1, q.shape[1]), batches[other]["passage_ids"].reshape(-1)
+        losses.append(reference._objective(q, p, batch, remote, remote_ids).loss)
+        teacher = torch.cat([batch["positive_scores"][:, None], batch["extra_positive_scores"],
+                             batch["negative_scores"]], dim=1)
+        expected = 0.0
+        with torch.no_grad():
+            for dim in (32, 8):
+                qd, pd, rd = (truncate(x, dim, True) for x in (q, p, remote))
+                expected += reference_loss(qd, pd, batch["passage_ids"], batch["positive_ids"], 1, "each",
+                                           margin=0.05, remote=rd, remote_ids=remote_ids, tau=TEMPERATURE)[0]
+                expected += 0.5 * reference_kd(torch.einsum("bh,bgh->bg", qd, pd), teacher, batch["passage_ids"],
+                                               TEMPERATURE, TEMPERATURE)[0]
+        assert ends[rank]["losses"][0] == pytest.approx(expected, rel=1e-5)
+    (sum(losses) / WORLD).backward()
+    grads = [_load(tmp_path, r, "grads0") for r in range(WORLD)]
+    checked = 0
+    for name, param in reference.named_parameters():
+        if param.grad is None:
+            continue
+        for rank in range(WORLD):
+            torch.testing.assert_close(grads[rank][name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
+        checked += 1
+    assert checked > 10
+
+
+@pytest.mark.slow
+def test_ddp_dataset_without_in_batch_negatives_skips_the_gather(tiny_bert_dir, mined30, tmp_path) -> None:
+    """A batch whose dataset turns in-batch negatives off: no cross-device gather (every rank skips it at the
+    same step), each rank's loss is its local own-group loss."""
+    from _c1_batches import C1DataModule
+    from test_loss import reference_loss
+
+    module = _module(tiny_bert_dir)
+    initial = {k: v.clone() for k, v in module.state_dict().items()}
+    data = _data(tiny_bert_dir, mined30, C1DataModule)
+    data.c1_kwargs = {"dataset": "no-ib", "use_in_batch_negatives": False, "drop_every_other": False}
+    _fit_ddp_spawn(module, data, tmp_path, max_steps=1)
+    batches = [_load(tmp_path, r, "batch0") for r in range(WORLD)]
+    reference = _module(tiny_bert_dir)
+    reference.load_state_dict(initial)
+    reference.train()
+    with torch.no_grad():
+        encoded = _encode_rank_batches(reference, batches, step=0)
+        for rank, batch in enumerate(batches):
+            want = reference_loss(*encoded[rank], batch["passage_ids"], batch["positive_ids"], 1, "each",
+                                  in_batch=False, tau=TEMPERATURE)[0]
+            assert _load(tmp_path, rank, "end")["losses"][0] == pytest.approx(want, rel=1e-5)

@@ -100,15 +100,40 @@ def _histogram_variants(res: AblationResults, plans: Sequence[RunPlan]) -> list[
     return [(n, mined[n]) for n in names if n in mined]
 
 
-def shared_bins(samples: Sequence[np.ndarray], count: int = 40) -> np.ndarray | int:
-    """Common bin edges so the variants' histograms are comparable bar for bar."""
+def shared_bins(samples: Sequence[np.ndarray], count: int = 40,
+                limits: tuple[float, float] | None = None) -> np.ndarray | int:
+    """Common bin edges so the variants' histograms are comparable bar for bar (over ``limits`` when given)."""
+    if limits is not None:
+        return np.linspace(limits[0], limits[1], count + 1)
     values = np.concatenate([s for s in samples if s.size]) if any(s.size for s in samples) else np.empty(0)
     if values.size == 0 or values.max() <= values.min():
         return count
     return np.linspace(values.min(), values.max(), count + 1)
 
 
-def plot_score_histograms(res: AblationResults, plans: Sequence[RunPlan], path: Path) -> Path | None:
+RATIO_QUANTILES = (0.01, 0.99)
+"""The ratio axis spans these quantiles of all variants' ratios (plus the 0.95 mark): a negative scoring 40x a
+near-zero positive score must not squash every other bar into the first bin."""
+RATIO_MARK = 0.95
+
+
+def robust_limits(samples: Sequence[np.ndarray], quantiles: tuple[float, float] = RATIO_QUANTILES,
+                  marks: Sequence[float] = ()) -> tuple[float, float] | None:
+    """x-limits from the pooled quantiles of ``samples`` (widened to include ``marks``), padded by 5%."""
+    values = np.concatenate([s[np.isfinite(s)] for s in samples]) if samples else np.empty(0)
+    points = [float(m) for m in marks]
+    if values.size:
+        points += [float(v) for v in np.quantile(values, quantiles)]
+    if not points:
+        return None
+    lo, hi = min(points), max(points)
+    pad = 0.05 * (hi - lo) if hi > lo else 0.05
+    return lo - pad, hi + pad
+
+
+def score_histograms_figure(res: AblationResults, plans: Sequence[RunPlan]):
+    """The figure of :func:`plot_score_histograms` (None without mined sets); the ratio panel is clipped to
+    :data:`RATIO_QUANTILES`, the number of ratios left outside is written in its axis label."""
     chosen = _histogram_variants(res, plans)
     if not chosen:
         return None
@@ -119,20 +144,32 @@ def plot_score_histograms(res: AblationResults, plans: Sequence[RunPlan], path: 
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     score_bins = shared_bins([d[1] for d in data])
-    ratio_bins = shared_bins([d[2] for d in data])
+    limits = robust_limits([d[2] for d in data if d[2].size], marks=[RATIO_MARK])
+    ratio_bins = shared_bins([d[2] for d in data], limits=limits)
+    outside = 0
     for name, scores, ratios in data:
         ax1.hist(scores, bins=score_bins, histtype="step", linewidth=1.6, label=f"{name} ({scores.size})")
         if ratios.size:
-            ax2.hist(ratios, bins=ratio_bins, histtype="step", linewidth=1.6, label=name)
-    ax2.axvline(0.95, color="gray", linestyle=":", label="95% of positive")
+            shown = ratios if limits is None else ratios[(ratios >= limits[0]) & (ratios <= limits[1])]
+            outside += ratios.size - shown.size
+            ax2.hist(shown, bins=ratio_bins, histtype="step", linewidth=1.6, label=name)
+    ax2.axvline(RATIO_MARK, color="gray", linestyle=":", label="95% of positive")
+    if limits is not None:
+        ax2.set_xlim(*limits)
     ax1.set_xlabel("teacher score of mined negatives")
-    ax2.set_xlabel("negative score / positive score")
+    note = f" ({outside} ratios outside the axis)" if outside else ""
+    ax2.set_xlabel(f"negative score / positive score{note}")
     for ax in (ax1, ax2):
         ax.set_ylabel("negatives")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{res.spec.name}: hard-negative score distributions")
-    return _save(fig, path)
+    return fig
+
+
+def plot_score_histograms(res: AblationResults, plans: Sequence[RunPlan], path: Path) -> Path | None:
+    fig = score_histograms_figure(res, plans)
+    return None if fig is None else _save(fig, path)
 
 
 # -------------------------------------------------------------------------------------------- loss curves
@@ -168,18 +205,32 @@ def _variant_series(plans: Sequence[RunPlan]) -> Iterator[tuple[str, list[dict[s
         yield name, [read_series(p.run_dir) for p in group if p.done]
 
 
-def plot_loss_curves(res: AblationResults, plans: Sequence[RunPlan], path: Path) -> Path | None:
+def validation_step(logged_step: int) -> int:
+    """The optimizer step a validation inside ``fit`` evaluated. Lightning logs it before counting the batch that
+    triggered it (``_batches_that_stepped``), so a validation after step 30 sits at 29 in metrics.csv; training
+    losses are logged at the same counter, which numbers the batch they were computed on (0 = first batch, taken
+    with the weights of step 0), so they stay as logged."""
+    return logged_step + 1
+
+
+def loss_curves_figure(res: AblationResults, plans: Sequence[RunPlan]):
+    """The figure of :func:`plot_loss_curves` (None without logged losses). Validation points are drawn at the
+    step they evaluated (:func:`validation_step`) on the same step axis as the loss; a variant with a single
+    validation point gets a marker (a line needs two points)."""
     series = [(name, runs) for name, runs in _variant_series(plans) if any(r.get(TRAIN_LOSS) for r in runs)]
     if not series:
         return None
     plt = _pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
     for name, runs in series:
         steps, loss = _mean_curve([r.get(TRAIN_LOSS, []) for r in runs])
         window = max(1, steps.size // 20)
         (line,) = ax1.plot(steps, smooth(loss, window), label=f"{name} (n={len(runs)})", linewidth=1.3)
-        m_steps, metric = _mean_curve([r.get(res.spec.metric, []) for r in runs])
-        if m_steps.size:
+        m_steps, metric = _mean_curve([[(validation_step(s), v) for s, v in r.get(res.spec.metric, [])]
+                                       for r in runs])
+        if m_steps.size == 1:
+            ax2.plot(m_steps, metric, linestyle="none", marker="o", markersize=7, color=line.get_color(), label=name)
+        elif m_steps.size:
             ax2.plot(m_steps, metric, marker=".", color=line.get_color(), label=name)
     ax1.set_ylabel(f"{TRAIN_LOSS} (EMA, mean over seeds)")
     ax2.set_ylabel(f"{res.spec.metric} (mean over seeds)")
@@ -187,8 +238,17 @@ def plot_loss_curves(res: AblationResults, plans: Sequence[RunPlan], path: Path)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=7, ncol=2)
+    if ax2.lines:
+        ax2.legend(fontsize=7)
+    last = max(int(line.get_xdata().max()) for line in [*ax1.lines, *ax2.lines] if len(line.get_xdata()))
+    ax1.set_xlim(0, max(1, last) * 1.03)  # shared: validation points sit inside the training range
     fig.suptitle(f"{res.spec.name}: training curves")
-    return _save(fig, path)
+    return fig
+
+
+def plot_loss_curves(res: AblationResults, plans: Sequence[RunPlan], path: Path) -> Path | None:
+    fig = loss_curves_figure(res, plans)
+    return None if fig is None else _save(fig, path)
 
 
 def write_plots(res: AblationResults, plans: Sequence[RunPlan], out_dir: Path) -> dict[str, Path]:

@@ -215,4 +215,8 @@ def write_report(spec: AblationSpec, plots: bool = True) -> dict[str, Path]:
         from nvr.ablation.plots import write_plots
 
         written.update(write_plots(res, plans, out))
+    if spec.fn_report is not None:  # filters over cached tables: no run needs to have finished
+        from nvr.ablation.false_negatives import write_fn_reports
+
+        written.update(write_fn_reports(spec, plots=plots))
     return written

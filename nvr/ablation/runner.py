@@ -176,7 +176,7 @@ def content_address(mining: dict[str, Any] | None) -> str | None:
         return None
     from jsonargparse import ArgumentParser
 
-    from nvr.mining.config import MineConfig
+    from nvr.config.mining import MineConfig
     from nvr.mining.pipeline import mining_fingerprint
     from nvr.utils.fingerprint import model_folder
 

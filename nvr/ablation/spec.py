@@ -14,6 +14,7 @@ Example::
       - {name: percpos, key: data.mining.filter.perc, values: [0.9, 0.95, 1.0],
          overrides: {data.mining.filter.method: topk_percpos}, paper: {0.95: 0.5856}}
     histograms: [naive, percpos=0.95]
+    fn_report: {holdout: 0.5}    # optional: false-negative report of every mining variant (fn_report/ folder)
 
 A sweep expands to one variant per value, named ``<sweep>=<value>``. Relative paths (``base_config``,
 ``output_dir``) are relative to the working directory, like the paths inside ``nvr fit`` configs.
@@ -23,20 +24,21 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from nvr.utils.errors import ConfigError, InputError
+from nvr.config.mining import FnReportConfig
+from nvr.utils.errors import ConfigError, InputError, config_key_scope
 from nvr.utils.yamlcheck import check_yaml_file
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 DEFAULT_SEED_KEYS = ("seed_everything", "data.seed")
 _SPEC_KEYS = {"name", "description", "base_config", "output_dir", "seeds", "seed_keys", "metric", "select",
-              "overrides", "variants", "sweeps", "paper", "histograms", "fit_args"}
+              "overrides", "variants", "sweeps", "paper", "histograms", "fit_args", "fn_report"}
 
 
 @dataclass
@@ -88,6 +90,9 @@ class AblationSpec:
     """Variants whose mined negative-score distributions are compared (e.g. naive vs PercPos)."""
     fit_args: list[str] = field(default_factory=list)
     """Extra ``nvr fit`` arguments for every run (e.g. ``--trainer.max_steps 20`` for a smoke run)."""
+    fn_report: FnReportConfig | None = None
+    """When set, the report step also writes ``fn_report/``: each mining variant's false-negative rate and hardness
+    on held-back positives (``nvr.ablation.false_negatives``), from the cached candidate tables (no training)."""
 
     def all_variants(self) -> list[Variant]:
         """Listed variants first, then every sweep's expansion (in spec order)."""
@@ -212,6 +217,24 @@ def _parse_sweep(raw: Any, i: int) -> Sweep:
                  f"{key}.overrides"), paper=paper)  # type: ignore[arg-type]
 
 
+def _fn_report(value: Any) -> FnReportConfig | None:
+    """``fn_report: true`` (defaults) or a mapping of ``FnReportConfig`` fields; absent / false = off."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return FnReportConfig()
+    raw = _mapping(value, "fn_report")
+    known = {f.name for f in fields(FnReportConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"fn_report.{unknown[0]}", f"unknown key; expected one of {sorted(known)}")
+    try:
+        with config_key_scope("fn", "fn_report"):
+            return FnReportConfig(**raw)
+    except TypeError as err:
+        raise ConfigError("fn_report", str(err)) from err
+
+
 def _seeds(value: Any) -> list[int]:
     if not isinstance(value, list) or not value:
         raise ConfigError("seeds", "must be a non-empty list of integers")
@@ -249,6 +272,7 @@ def parse_spec(raw: Any) -> AblationSpec:
         select=select, seed_keys=_str_list(raw.get("seed_keys", list(DEFAULT_SEED_KEYS)), "seed_keys"),
         overrides=_overrides(raw.get("overrides"), "overrides"),
         histograms=_str_list(raw.get("histograms"), "histograms"), fit_args=_str_list(raw.get("fit_args"), "fit_args"),
+        fn_report=_fn_report(raw.get("fn_report")),
     )
     _attach_sweep_paper(spec, paper)
     _check_names(spec, paper)

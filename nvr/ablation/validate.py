@@ -27,8 +27,8 @@ def _typed_parts_problem(config: Any) -> str | None:
     """Build the dataclass configs of a parsed ``fit`` namespace; their ``__post_init__`` checks run here."""
     from jsonargparse import ArgumentParser
 
+    from nvr.config.mining import MineConfig
     from nvr.evaluation.data import EvalSetConfig
-    from nvr.mining.config import MineConfig
     from nvr.modeling.config import EmbedderConfig
 
     data, model = config.get("data"), config.get("model")

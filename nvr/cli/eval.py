@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+from typing import Any
 
 from nvr.evaluation.evaluate import evaluate_model, format_table
+from nvr.utils.atomic import write_text_atomic
 from nvr.utils.errors import ConfigError
 from nvr.utils.models import check_max_length, check_model_source
 from nvr.utils.preflight import check_cache_dir, check_output_file
@@ -35,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nvr eval", description="Evaluate an HF model or exported folder on BEIR folders (NDCG@10, Recall@100, "
         "MRR@10 with trec_eval semantics); corpus embeddings are cached.",
     )
-    p.add_argument("--model", required=True, help="HF id or local folder (nvr export / sentence-transformers)")
+    p.add_argument("--model", required=True, help="HF id, local folder (nvr export / sentence-transformers) or a "
+                   "`nvr fit` .ckpt (exported to a temporary folder for the run: no export step needed)")
     p.add_argument("--beir", action="append", required=True, metavar="DIR",
                    help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/); repeat for several datasets")
     p.add_argument("--split", default="test", help="qrels split (default: test)")
@@ -57,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_length", type=int, default=None,
                    help="token budget for passages (and queries unless --query_max_length); default: metadata")
     p.add_argument("--query_max_length", type=int, default=None)
+    p.add_argument("--truncate_dim", type=int, default=None,
+                   help="keep the first N embedding dims (Matryoshka; re-normalized when the model normalizes)")
     p.add_argument("--k_values", type=_k_values, default=(10, 100), help="cutoffs, e.g. 10,100")
     p.add_argument("--search_memory_mb", type=int, default=512, help="memory bound of one block of scores")
     p.add_argument("--cache_dir", default=".nvr_cache", help="embedding cache ('' disables it)")
@@ -73,6 +79,8 @@ def preflight(args: argparse.Namespace) -> None:
     check_model_source(args.model, "--model")
     if args.max_tokens_per_batch is not None and args.max_tokens_per_batch <= 0:
         raise ConfigError("--max_tokens_per_batch", f"must be > 0, got {args.max_tokens_per_batch}")
+    if args.truncate_dim is not None and args.truncate_dim <= 0:
+        raise ConfigError("--truncate_dim", f"must be > 0, got {args.truncate_dim}")
     for key in ("max_length", "query_max_length"):
         value = getattr(args, key)
         if value is not None:
@@ -84,15 +92,66 @@ def preflight(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    preflight(args)
-    result = evaluate_model(
+    from nvr.modeling.export import is_training_checkpoint
+
+    if is_training_checkpoint(args.model) or args.model.endswith(".ckpt"):
+        result = evaluate_checkpoint(args)
+    else:
+        preflight(args)
+        result = run(args, args.output)
+    print(format_table(result))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
+    """A ``nvr fit`` checkpoint (full, LoRA trainable-only, FSDP2) is exported to a temporary folder, exactly as
+    ``nvr export`` writes it, and that folder is evaluated; options left unset take training's encoding (prompts,
+    query masking, query length) as the export recorded it. The output names the checkpoint."""
+    from nvr.modeling.export import exported_checkpoint, is_training_checkpoint
+
+    check_output_file(args.output, "--output", overwrite=args.overwrite)  # before the (possibly long) export
+    if args.cache_dir:
+        check_cache_dir(args.cache_dir, "--cache_dir")
+    if not is_training_checkpoint(args.model):
+        raise ConfigError("--model", f"no such checkpoint file: {args.model}")
+    with exported_checkpoint(args.model) as exported:
+        checkpoint, args.model = args.model, str(exported.folder)
+        use_training_encoding(args, exported.encoding, exported.sentence_transformers)
+        preflight(args)
+        result = run(args, None)
+    result["model"] = checkpoint
+    result["settings"]["checkpoint_export"] = {"sentence_transformers": exported.sentence_transformers}
+    write_text_atomic(args.output, json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return result
+
+
+def use_training_encoding(args: argparse.Namespace, encoding: dict[str, Any], st_files: bool) -> None:
+    """Fill unset options from the export's encoding. A sentence-transformers folder already carries the raw
+    query/document prompts; an nvr-only folder (latent attention, add_eos) does not, so they are passed here."""
+    if args.mask_instruction is None and "mask_prefix" in encoding:
+        args.mask_instruction = bool(encoding["mask_prefix"])
+    if args.query_max_length is None and encoding.get("query_max_length"):
+        args.query_max_length = int(encoding["query_max_length"])
+    if st_files:
+        return
+    if args.passage_prefix is None and "passage_prefix" in encoding:
+        args.passage_prefix = encoding["passage_prefix"]
+    prefix = encoding.get("query_prefix", "")
+    if args.query_instruction is None:
+        if not prefix or prefix.endswith(": "):
+            args.query_instruction = prefix[:-2] if prefix else ""
+        else:
+            raise ConfigError("--query_instruction", f"training's query prompt {prefix!r} is not of the form "
+                                                     "'<instruction>: ': pass --query_instruction explicitly")
+
+
+def run(args: argparse.Namespace, output: str | None) -> dict[str, Any]:
+    return evaluate_model(
         args.model, args.beir, split=args.split, pooling=args.pooling, normalize=args.normalize,
         query_instruction=args.query_instruction, passage_prefix=args.passage_prefix,
         mask_instruction=args.mask_instruction, max_length=args.max_length, query_max_length=args.query_max_length,
         batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens_per_batch, dtype=args.dtype,
-        k_values=args.k_values, search_memory_mb=args.search_memory_mb,
-        cache_dir=args.cache_dir or None, output=args.output, overwrite=args.overwrite, device=args.device,
+        k_values=args.k_values, search_memory_mb=args.search_memory_mb, truncate_dim=args.truncate_dim,
+        cache_dir=args.cache_dir or None, output=output, overwrite=args.overwrite, device=args.device,
     )
-    print(format_table(result))
-    print(f"wrote {args.output}")
-    return 0

@@ -35,7 +35,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from nvr.evaluation.callback import RetrievalEvaluator
 from nvr.training.datamodule import MinedDataModule
 from nvr.training.module import BiEncoderModule
-from nvr.utils.errors import ConfigError, InputError, NvrError
+from nvr.utils.errors import ConfigError, InputError, nvr_error_in
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,35 @@ LAST_NAME = "last.ckpt"
 
 
 class NvrCLI(LightningCLI):
+    def __init__(self, *args: Any, auto_configure_optimizers: bool = False, **kwargs: Any) -> None:
+        """``auto_configure_optimizers`` is off: the module's own AdamW + warm-up schedule is the only optimizer, and
+        an ``optimizer`` / ``lr_scheduler`` key is a one-line error (it would silently replace model.lr etc.)."""
+        super().__init__(*args, auto_configure_optimizers=auto_configure_optimizers, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse errors become one line (``NvrError``) instead of the whole usage: an unknown key names the config
+        file line or flag and the nearest accepted key; an uninstalled logger package names its extra."""
+        from argparse import ArgumentError
+
+        from nvr.cli.suggest import option_keys, parse_error
+
+        argv = list(sys.argv[1:] if args is None else args) if args is None or isinstance(args, (list, tuple)) else []
+        subcommand = next((a for a in argv if a in SUBCOMMANDS), None)
+        sub = getattr(self, "_subcommand_parsers", {}).get(subcommand) if subcommand else None
+        parsers = [parser, *getattr(self, "_subcommand_parsers", {}).values()]
+        previous = [p.exit_on_error for p in parsers]
+        for p in parsers:
+            p.exit_on_error = False
+        try:
+            check_logger_packages(argv)
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            keys = option_keys(sub) if sub is not None else option_keys(parser)
+            raise parse_error(str(err), keys, argv, subcommand or "fit") from None
+        finally:
+            for p, value in zip(parsers, previous):
+                p.exit_on_error = value
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.embedder.model_name_or_path", "data.tokenizer")
         parser.link_arguments("model.embedder.add_eos", "data.add_eos")
@@ -57,7 +86,7 @@ class NvrCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except ValueError as err:
-            cause = _nvr_error_in(err)
+            cause = nvr_error_in(err)
             if cause is None:
                 raise
             raise cause from None
@@ -71,7 +100,10 @@ class NvrCLI(LightningCLI):
         # checkpoint callbacks are also given to validate/test: they save nothing outside fit, and Lightning warns
         # that "callbacks used to create the checkpoint need to be provided" when they are missing
         checkpointing = trainer_cfg.get("enable_checkpointing") is not False
-        kwargs["callbacks"] = configured + default_callbacks(self.datamodule, configured, root, checkpointing)
+        if trainer_cfg.get("logger") in (None, True) and "logger" not in kwargs:
+            kwargs["logger"] = default_logger(root)
+        kwargs["callbacks"] = configured + default_callbacks(self.datamodule, configured, root, checkpointing) + \
+            display_callbacks(configured, progress_bar=trainer_cfg.get("enable_progress_bar") is not False)
         self._checkpoint_dirs = checkpoint_dirs(kwargs["callbacks"], root)
         self._monitors = [c.monitor for c in kwargs["callbacks"]
                           if isinstance(c, ModelCheckpoint) and not isinstance(c, LastCheckpoint) and c.monitor]
@@ -91,18 +123,6 @@ class NvrCLI(LightningCLI):
             kwargs["ckpt_path"] = resolve_ckpt_path(kwargs["ckpt_path"], self._checkpoint_dirs, subcommand,
                                                     monitors=self._monitors)
         return kwargs
-
-
-def _nvr_error_in(err: BaseException) -> NvrError | None:
-    """The first nvr error in ``err``'s cause/context chain (jsonargparse re-raises while handling it)."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        if isinstance(current, NvrError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
 
 
 AUTO_PRECISION = "auto"
@@ -161,6 +181,14 @@ class LastCheckpoint(ModelCheckpoint):
         if trainer.ckpt_path is None and last is not None and last.exists() and trainer.is_global_zero:
             log.warning("%s is from an earlier run and will be replaced by this one's latest state (pass "
                         "--ckpt_path last to continue that run instead)", last)
+        folder = Path(self.dirpath) if self.dirpath else None
+        if trainer.ckpt_path is None and folder is not None and folder.is_dir() and trainer.is_global_zero:
+            earlier = sorted(p.name for p in folder.glob("*.ckpt") if p.name != LAST_NAME)
+            if earlier:  # never deleted (they may be wanted); --ckpt_path best follows this run's record
+                log.warning("%s holds %d checkpoint(s) of an earlier run (%s); this run's best is recorded in its "
+                            "last.ckpt, so --ckpt_path best ignores them (use a fresh default_root_dir to avoid "
+                            "mixing runs)", folder, len(earlier), ", ".join(earlier[:3]) +
+                            (", ..." if len(earlier) > 3 else ""))
 
     def _save_now(self, trainer, force: bool) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
@@ -179,6 +207,63 @@ class LastCheckpoint(ModelCheckpoint):
         self._save_now(trainer, force=False)
 
 
+def default_logger(root: Path):
+    """nvr's default logger is always a ``CSVLogger`` (``<root>/lightning_logs/version_N/metrics.csv``), whether or
+    not tensorboard is installed (Lightning's ``logger: true`` switches to TensorBoard when it is); TensorBoard is
+    ``--trainer.logger TensorBoardLogger --trainer.logger.save_dir DIR`` (extra ``nvr[tensorboard]``)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    return CSVLogger(save_dir=str(root))
+
+
+def display_callbacks(configured: list[Callback], progress_bar: bool) -> list[Callback]:
+    """nvr's progress bar (unless one is configured or ``enable_progress_bar: false``) and the final-step logger."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from nvr.cli.progress import FinalStepLogger, NvrProgressBar
+
+    extra: list[Callback] = []
+    if progress_bar and not any(isinstance(c, ProgressBar) for c in configured):
+        extra.append(NvrProgressBar())
+    if not any(isinstance(c, FinalStepLogger) for c in configured):
+        extra.append(FinalStepLogger())
+    return extra
+
+
+TENSORBOARD_LOGGERS = ("TensorBoardLogger",)
+
+
+def check_logger_packages(argv: list[str]) -> None:
+    """A TensorBoardLogger without tensorboard/tensorboardX installed is one line naming the extra to install
+    (Lightning raises ModuleNotFoundError from inside jsonargparse's instantiation: a traceback). Checked on the
+    command line and in every ``--config`` file's ``trainer.logger``."""
+    import yaml
+
+    from nvr.utils.yamlcheck import config_paths
+
+    named: list[str] = [a for a in argv if any(t in a for t in TENSORBOARD_LOGGERS)]
+    for path in config_paths(argv):
+        try:
+            cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # reported by the parser in its own words
+        logger = (cfg.get("trainer") or {}).get("logger") if isinstance(cfg, dict) and \
+            isinstance(cfg.get("trainer"), dict) else None
+        items = logger if isinstance(logger, list) else [logger]
+        paths = [i.get("class_path") if isinstance(i, dict) else i for i in items]
+        named += [p for p in paths if isinstance(p, str) and any(t in p for t in TENSORBOARD_LOGGERS)]
+    if named and not tensorboard_available():
+        raise ConfigError("trainer.logger", "TensorBoardLogger needs the tensorboard package: pip install "
+                                            "'nvr[tensorboard]' (or drop --trainer.logger for the default CSVLogger)")
+
+
+def tensorboard_available() -> bool:
+    """Lightning's own test (read at call time, so it and nvr always agree)."""
+    from lightning.fabric.loggers import tensorboard
+
+    return bool(tensorboard._TENSORBOARD_AVAILABLE) or bool(tensorboard._TENSORBOARDX_AVAILABLE)
+
+
 def default_callbacks(datamodule: MinedDataModule, configured: list[Callback], root: Path,
                       checkpointing: bool) -> list[Callback]:
     """Evaluator when eval sets exist; best (monitored) + last checkpoints under ``root/checkpoints`` unless a
@@ -194,9 +279,12 @@ def default_callbacks(datamodule: MinedDataModule, configured: list[Callback], r
     user = [c for c in configured if isinstance(c, ModelCheckpoint)]
     if not user:
         if has_eval:
+            # no version counter: a re-run reaching the same step and score overwrites the file instead of writing
+            # "...-v1.ckpt" next to it (--ckpt_path best always follows this run's record in last.ckpt)
             extra.append(ModelCheckpoint(
                 dirpath=root / "checkpoints", monitor=BEST_MONITOR, mode="max", save_top_k=1, save_last=False,
                 filename="step={step}-ndcg={val/ndcg@10:.4f}", auto_insert_metric_name=False,
+                enable_version_counter=False,
             ))
         extra.append(LastCheckpoint(dirpath=root / "checkpoints"))
         return extra
@@ -341,8 +429,11 @@ def check_checkpoint_file(path: Path) -> None:
                          "tool's file? --ckpt_path takes a .ckpt written by `nvr fit`", path)
 
 
-def main(argv: list[str]) -> int:
-    """``argv[0]`` is the sub-command; the rest are LightningCLI arguments (``--config``, ``--print_config`` ...)."""
+def main(argv: list[str], cli_class: type[NvrCLI] | None = None) -> int:
+    """``argv[0]`` is the sub-command; the rest are LightningCLI arguments (``--config``, ``--print_config`` ...).
+
+    ``cli_class``: an NvrCLI subclass that only adds ``before_<cmd>`` / ``after_<cmd>`` hooks (``nvr quickstart``
+    wraps ``fit`` with evaluation and export this way, so parsing, instantiation and training stay this code)."""
     if not argv or argv[0] not in SUBCOMMANDS:
         got = argv[0] if argv else "nothing"
         raise ConfigError("command", f"expected one of {list(SUBCOMMANDS)}, got {got!r} (use `nvr eval` to test a "
@@ -352,7 +443,7 @@ def main(argv: list[str]) -> int:
     check_config_args(list(argv))  # duplicate YAML keys etc.: one line naming file:line, before jsonargparse
     # from the console script argv *is* sys.argv[1:]: let Lightning read it (passing both only triggers a warning)
     args = None if list(argv) == sys.argv[1:] else list(argv)
-    NvrCLI(
+    (cli_class or NvrCLI)(
         BiEncoderModule, MinedDataModule, args=args, save_config_kwargs={"overwrite": True},
         seed_everything_default=42,
     )

@@ -4,6 +4,7 @@ Examples::
 
     nvr mine --config configs/mine/topk_percpos_cranfield.yaml
     nvr mine --config my.yaml --preset sampled_topk_10 --output_dir runs/sampled --export st
+    nvr mine --config my.yaml --fn_report --fn.holdout 0.5       # + false-negative report in <output_dir>/fn_report
 
 Options apply in command-line order and the later one wins (as in LightningCLI): ``--preset`` stands for all its
 ``--filter.*`` / ``--sampler.*`` values, so a preset after ``--config`` replaces the config's filter and sampler,
@@ -18,18 +19,19 @@ import json
 import sys
 from argparse import ArgumentError
 from pathlib import Path
+from typing import Literal
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
-from nvr.mining.config import MineConfig
+from nvr.config.mining import FnReportConfig, MineConfig
 from nvr.mining.presets import PRESETS, get_preset
-from nvr.mining.report import summary_lines
-from nvr.teachers.cache import dist_rank_world
-from nvr.utils.errors import ConfigError
+from nvr.mining.report import print_mining_summary
+from nvr.utils.distributed import dist_rank_world
+from nvr.utils.errors import ConfigError, nvr_error_in
 from nvr.utils.preflight import check_output_file
 from nvr.utils.yamlcheck import check_yaml_file, config_paths
 
-_EXTRA = ("config", "preset", "export", "export_path", "print_config")
+_EXTRA = ("config", "preset", "export", "export_path", "print_config", "fn_report", "fn")
 EXPORTS = {"st": "sentence_transformers.jsonl", "st_triplet": "sentence_transformers_triplet.jsonl",
            "flag": "flagembedding.jsonl"}
 """``--export`` choices and their default file inside the output folder (st = n-tuple: rows with fewer than
@@ -41,9 +43,15 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with MineConfig fields")
     parser.add_argument("--preset", type=str, default=None,
                         help=f"filter+sampler preset (later options win): {', '.join(PRESETS)}")
-    parser.add_argument("--export", type=str, default=None, choices=[None, *EXPORTS],
+    # a Literal, not choices=[None, ...]: jsonargparse turned that into a lambda type shown as
+    # "<function <locals>.<lambda>>" in --help
+    parser.add_argument("--export", type=Literal[tuple(EXPORTS)] | None, default=None,
                         help="also export: st (n-tuple) | st_triplet | flag")
     parser.add_argument("--export_path", type=str, default=None, help="export file (default: inside output_dir)")
+    parser.add_argument("--fn_report", action=ActionYesNo, default=False,
+                        help="after mining, write the false-negative report (nvr.mining.fn_report) to "
+                             "<output_dir>/fn_report; options under --fn.*")
+    parser.add_class_arguments(FnReportConfig, "fn")
     parser.add_class_arguments(MineConfig)
     return parser
 
@@ -96,7 +104,13 @@ def parse_config(argv: list[str]) -> tuple[MineConfig, dict]:
     argv, preset = expand_presets(argv)
     parser = build_parser()
     ns = parser.parse_args(argv)
-    init = parser.instantiate(ns)
+    try:
+        init = parser.instantiate(ns)
+    except ValueError as err:  # a nullable dataclass's ConfigError arrives wrapped in jsonargparse's Union error
+        cause = nvr_error_in(err)
+        if cause is None:
+            raise
+        raise cause from None
     fields = {f.name for f in dataclasses.fields(MineConfig)}
     kwargs = {k: v for k, v in vars(init).items() if k in fields}
     extra = {k: getattr(init, k, None) for k in _EXTRA}
@@ -118,14 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nvr mine: error: {err}".replace("\n", " "), file=sys.stderr)
         return 2
     check_export_target(cfg, extra)
+    if not extra["fn_report"] and extra["fn"] != FnReportConfig():
+        raise ConfigError("fn", "--fn.* options are set but --fn_report is not")
     from nvr.mining.pipeline import mine
 
     out = mine(cfg)
     if dist_rank_world()[0] != 0:
         return 0  # rank 0 writes, reports and exports
-    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    print("\n".join(summary_lines(report)))
-    print(f"mined -> {out}")
+    print_mining_summary(out)
     if extra["export"]:
         from nvr.mining.export import to_flagembedding, to_sentence_transformers
 
@@ -136,4 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             counts = to_flagembedding(out, target, overwrite=cfg.overwrite)
         print(f"exported {extra['export']} -> {target} {counts}")
+    if extra["fn_report"]:
+        from nvr.mining.fn_report import build_fn_report, write_fn_report
+        from nvr.mining.fn_report import summary_lines as fn_summary
+
+        fn_report = build_fn_report(cfg, extra["fn"])  # the mined folder was just written: replace its report
+        folder = write_fn_report(fn_report, out / "fn_report", overwrite=True, title=out.name)
+        print("\n".join(fn_summary(fn_report)))
+        print(f"false-negative report -> {folder}")
     return 0

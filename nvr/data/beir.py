@@ -344,18 +344,34 @@ def _interleave(*columns: Sequence[str]) -> Iterable[str]:
         yield from row
 
 
-def _row_id(row: dict[str, Any], path: Path, line: int) -> str:
-    """The ``_id`` as a non-empty string; JSON integers are accepted and converted (BEIR ids are often numbers)."""
-    if "_id" not in row:
-        raise InputError("missing '_id'", path, line)
-    raw = row["_id"]
+def _row_id(row: dict[str, Any], path: Path, line: int, key: str = "_id") -> str:
+    """The id in column ``key`` as a non-empty string; integers are accepted and converted (BEIR ids are often
+    numbers)."""
+    if key not in row:
+        raise InputError(f"missing '{key}'", path, line)
+    raw = row[key]
     if isinstance(raw, bool) or not isinstance(raw, (str, int)):
-        raise InputError(f"'_id' must be a string or an integer, got {type(raw).__name__}", path, line)
+        raise InputError(f"'{key}' must be a string or an integer, got {type(raw).__name__}", path, line)
     doc_id = str(raw)
     if not doc_id.strip():
-        raise InputError("'_id' is empty", path, line)
-    check_id(doc_id, "'_id'", path, line)
+        raise InputError(f"'{key}' is empty", path, line)
+    check_id(doc_id, f"'{key}'", path, line)
     return doc_id
+
+
+def row_id(row: dict[str, Any], path: Path, line: int, key: str = "_id") -> str:
+    """Public form of the id check every loader shares (see ``_row_id``)."""
+    return _row_id(row, path, line, key)
+
+
+def optional_str(row: dict[str, Any], key: str, path: Path, line: int) -> str:
+    """``row[key]`` as a string, ``""`` when absent or null; any other type is an ``InputError``."""
+    return _optional_str(row, key, path, line)
+
+
+def find_jsonl(folder: str | Path, stem: str) -> Path:
+    """``folder/<stem>.jsonl`` or ``.jsonl.gz``, else the ``InputError`` naming the expected path."""
+    return _find_jsonl(Path(folder), stem)
 
 
 def check_id(value: str, what: str, path: Path, line: int) -> None:

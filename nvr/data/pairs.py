@@ -1,25 +1,35 @@
-"""Training pairs given as rows of (query, positive text(s) or ids) instead of BEIR qrels.
+"""Training pairs given as rows of (query, positive text(s) or ids, optional hard negatives) instead of BEIR qrels.
 
-Rows (JSONL or parquet) look like ``{"query_id"?, "query", "positive": str}``, ``"positives": [str]`` or
-``"positive_ids": [doc ids]`` (keys may be combined). Positive texts are matched to the corpus by ``text_key``
-(against the full passage, then against the body text alone); texts not found are appended to a copy of the corpus
-with ids ``pos:<sha1[:16]>``. Rows with the same query text are merged into one query.
+Rows come from any format of :mod:`nvr.data.tabular` (JSON Lines, CSV, TSV, parquet, a ``datasets`` folder); which
+column is which field is decided by :mod:`nvr.data.columns` (explicit ``columns`` mapping > nvr's names
+``query_id``/``query``/``positive``/``positives``/``positive_ids``/``negative``/``negatives`` > sentence-transformers
+names such as ``anchor``/``positive``/``negative``/``negative_1``..). Positive texts are matched to the corpus by
+``text_key`` (against the full passage, then against the body text alone); texts not found are appended to a copy of
+the corpus with ids ``pos:<sha1[:16]>``. Given negatives are added to the corpus the same way (``neg:<sha1[:16]>``):
+nvr mines its own negatives, so a given negative is a candidate the teachers rank and the positive-aware filter
+checks like any other passage (a false negative in the data is filtered, not trained on). Rows with the same query
+text are merged into one query.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nvr.data.beir import Corpus, Queries, check_id
-from nvr.data.jsonl import iter_jsonl
+from nvr.data.columns import PAIR_ROLES, check_mapping, describe, resolve_columns, warn_ignored_labels
+from nvr.data.tabular import Rows, open_rows
 from nvr.data.text import passage_text, text_key
 from nvr.utils.errors import InputError
 
-_PARQUET_SUFFIXES = (".parquet", ".pq")
-_POSITIVE_KEYS = ("positive", "positives", "positive_ids")
+log = logging.getLogger(__name__)
+
+_STRICT_TYPES = {"positive": str, "positives": list, "positive_ids": list}
+"""nvr's own JSON keys keep their documented types; any other column may hold one value or a list of values."""
+COLUMNS_KEY = "data.columns"
 
 
 @dataclass
@@ -36,6 +46,86 @@ class _QueryEntry:
             self.doc_ids.append(doc_id)
 
 
+@dataclass
+class _Row:
+    """One row reduced to nvr's fields (values checked)."""
+
+    query: str
+    query_id: Any
+    positive_texts: list[str]
+    positive_ids: list[str]
+    negative_texts: list[str]
+
+
+class _RowReader:
+    """Turns a raw row into a ``_Row`` with the columns resolved for its file, naming the column in every error."""
+
+    def __init__(self, rows: Rows, explicit: Mapping[str, tuple[str, ...]]) -> None:
+        self.rows = rows
+        self.path = rows.path
+        self.cols = resolve_columns(PAIR_ROLES, rows.columns, explicit, path=rows.path, key=COLUMNS_KEY,
+                                    fixed=rows.fixed, line=rows.first_line)
+        if rows.fixed:
+            warn_ignored_labels(self.cols, rows.columns, rows.path)
+        log.info("%s: %s", rows.path, describe(self.cols, rows.columns))
+
+    def read(self, row: dict[str, Any], line: int) -> _Row:
+        query_cols = self.cols["query"]
+        queries = self._cells(row, query_cols)
+        if not queries or not isinstance(queries[0][1], str) or not queries[0][1].strip():
+            raise InputError(f"{_either(query_cols)} must be a non-empty string", self.path, line)
+        ids = self._cells(row, self.cols["query_id"])
+        positives = self._texts(row, "positive", "a positive", line)
+        positive_ids = self._ids(row, line)
+        if not positives and not positive_ids:
+            raise InputError(self._no_positive(row), self.path, line)
+        return _Row(queries[0][1], ids[0][1] if ids else None, positives, positive_ids,
+                    self._texts(row, "negative", "a negative", line))
+
+    def _cells(self, row: dict[str, Any], cols: Sequence[str]) -> list[tuple[str, Any]]:
+        """``(column, value)`` of the columns with a value; an empty CSV/TSV cell counts as no value."""
+        return [(c, row[c]) for c in cols if row.get(c) is not None and (self.rows.typed or row[c] != "")]
+
+    def _values(self, col: str, value: Any, line: int) -> list[Any]:
+        expected = _STRICT_TYPES.get(col) if self.rows.typed else None
+        if expected is list and not isinstance(value, list):
+            what = "a list of strings" if col == "positives" else "a list"
+            raise InputError(f"'{col}' must be {what}, got {type(value).__name__}", self.path, line)
+        if isinstance(value, list) and expected is not str:
+            return value
+        return [value]
+
+    def _texts(self, row: dict[str, Any], field_name: str, what: str, line: int) -> list[str]:
+        texts: list[str] = []
+        for col, value in self._cells(row, self.cols[field_name]):
+            for text in self._values(col, value, line):
+                if not isinstance(text, str) or not text.strip():
+                    raise InputError(f"{what} must be a non-empty string, got {text!r} (column {col!r})",
+                                     self.path, line)
+                texts.append(text)
+        return texts
+
+    def _ids(self, row: dict[str, Any], line: int) -> list[str]:
+        ids: list[str] = []
+        for col, value in self._cells(row, self.cols["positive_ids"]):
+            for raw in self._values(col, value, line):
+                if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+                    raise InputError(f"positive id must be a string or integer, got {raw!r} (column {col!r})",
+                                     self.path, line)
+                if not str(raw):
+                    raise InputError(f"empty positive id (column {col!r})", self.path, line)
+                check_id(str(raw), "positive id", self.path, line)
+                ids.append(str(raw))
+        return ids
+
+    def _no_positive(self, row: dict[str, Any]) -> str:
+        cols = [*self.cols["positive"], *self.cols["positive_ids"]]
+        msg = f"row has no positive: {_either(cols)} {'is' if len(cols) == 1 else 'are all'} missing or empty"
+        if not self.rows.fixed:
+            msg += f" (keys of this row: {', '.join(map(repr, row)) or 'none'}); map yours with {COLUMNS_KEY}.positive"
+        return msg
+
+
 class _PairsBuilder:
     """Accumulates queries and positives, growing a copy of the corpus only when a new text must be added."""
 
@@ -46,21 +136,26 @@ class _PairsBuilder:
         self.key_to_row = _text_key_index(self.base)
         self.by_text: dict[str, _QueryEntry] = {}
         self.by_id: dict[str, _QueryEntry] = {}
+        self.negatives = 0
+        self.new_negatives = 0
 
     def current_corpus(self) -> Corpus:
         return self.corpus if self.corpus is not None else self.base
 
-    def add_row(self, row: dict[str, Any], line: int) -> None:
-        query = row.get("query")
-        if not isinstance(query, str) or not query.strip():
-            raise InputError("'query' must be a non-empty string", self.path, line)
-        entry = self._entry(query, row.get("query_id"), line)
-        if not any(row.get(k) is not None for k in _POSITIVE_KEYS):
-            raise InputError("row has no 'positive', 'positives' or 'positive_ids'", self.path, line)
-        for text in self._positive_texts(row, line):
-            entry.add(self._doc_for_text(text))
-        for doc_id in self._positive_ids(row, line):
+    def add_row(self, row: _Row, line: int) -> None:
+        entry = self._entry(row.query, row.query_id, line)
+        for text in row.positive_texts:
+            entry.add(self._doc_for_text(text, "pos"))
+        corpus = self.current_corpus()
+        for doc_id in row.positive_ids:
+            if doc_id not in corpus.index:
+                raise InputError(f"unknown positive id {doc_id!r} (not in the corpus)", self.path, line)
             entry.add(doc_id)
+        for text in row.negative_texts:
+            size = len(self.current_corpus())
+            self._doc_for_text(text, "neg")
+            self.negatives += 1
+            self.new_negatives += len(self.current_corpus()) - size
 
     def _entry(self, query: str, raw_id: Any, line: int) -> _QueryEntry:
         key = text_key(query)
@@ -85,46 +180,13 @@ class _PairsBuilder:
         check_id(str(raw_id), "'query_id'", self.path, line)
         return str(raw_id)
 
-    def _positive_texts(self, row: dict[str, Any], line: int) -> list[str]:
-        texts: list[str] = []
-        single = row.get("positive")
-        if single is not None:
-            texts.append(single)
-        many = row.get("positives")
-        if many is not None:
-            if not isinstance(many, list):
-                raise InputError(f"'positives' must be a list of strings, got {type(many).__name__}", self.path, line)
-            texts.extend(many)
-        for text in texts:
-            if not isinstance(text, str) or not text.strip():
-                raise InputError(f"a positive must be a non-empty string, got {text!r}", self.path, line)
-        return texts
-
-    def _positive_ids(self, row: dict[str, Any], line: int) -> list[str]:
-        raw = row.get("positive_ids")
-        if raw is None:
-            return []
-        if not isinstance(raw, list):
-            raise InputError(f"'positive_ids' must be a list, got {type(raw).__name__}", self.path, line)
-        corpus = self.current_corpus()
-        ids: list[str] = []
-        for value in raw:
-            if isinstance(value, bool) or not isinstance(value, (str, int)):
-                raise InputError(f"positive id must be a string or integer, got {value!r}", self.path, line)
-            doc_id = str(value)
-            check_id(doc_id, "positive id", self.path, line)
-            if doc_id not in corpus.index:
-                raise InputError(f"unknown positive id {doc_id!r} (not in the corpus)", self.path, line)
-            ids.append(doc_id)
-        return ids
-
-    def _doc_for_text(self, text: str) -> str:
+    def _doc_for_text(self, text: str, prefix: str) -> str:
         key = text_key(text)
         row = self.key_to_row.get(key)
         if row is None:
             if self.corpus is None:
                 self.corpus = self.base.copy()
-            row = self.corpus.append(f"pos:{key[:16]}", "", text)
+            row = self.corpus.append(f"{prefix}:{key[:16]}", "", text)
             self.key_to_row[key] = row
         return self.current_corpus().ids[row]
 
@@ -132,41 +194,57 @@ class _PairsBuilder:
 @dataclass
 class Pairs:
     """What :func:`read_pairs` returns; ``merged_queries`` counts the distinct query ids (or, for rows without an
-    id, distinct exact texts) that were merged with another one because their normalized texts are equal."""
+    id, distinct exact texts) that were merged with another one because their normalized texts are equal;
+    ``given_negatives`` counts the negative texts read, ``new_negative_passages`` those added to the corpus."""
 
     queries: Queries
     positives: dict[str, list[str]]
     corpus: Corpus
     merged_queries: int = 0
+    given_negatives: int = 0
+    new_negative_passages: int = 0
 
 
-def load_pairs(path: str | Path, corpus: Corpus | None = None) -> tuple[Queries, dict[str, list[str]], Corpus]:
+def load_pairs(
+    path: str | Path, corpus: Corpus | None = None, columns: Mapping[str, Any] | None = None
+) -> tuple[Queries, dict[str, list[str]], Corpus]:
     """``(queries, {qid: [doc ids]}, corpus)`` of :func:`read_pairs`."""
-    pairs = read_pairs(path, corpus)
+    pairs = read_pairs(path, corpus, columns)
     return pairs.queries, pairs.positives, pairs.corpus
 
 
-def read_pairs(path: str | Path, corpus: Corpus | None = None) -> Pairs:
+def read_pairs(path: str | Path, corpus: Corpus | None = None, columns: Mapping[str, Any] | None = None) -> Pairs:
     """Read training pairs: queries, ``{qid: [doc ids]}``, the corpus and how many queries were merged.
 
-    ``corpus`` is not modified: when positives must be added, the returned corpus is a copy that contains them
-    (otherwise it is ``corpus`` itself). Without a corpus, one is built from the positive texts. Query ids come from
-    ``query_id`` or, when absent, ``q:<sha1[:16]>`` of the normalized query. For parquet files, the "line" in error
-    messages is the 1-based row number.
+    ``columns`` maps nvr's fields (``query``, ``query_id``, ``positive``, ``positive_ids``, ``negative``) to the
+    file's column names (a list of columns for ``positive``/``positive_ids``/``negative``); unmapped fields are
+    detected. ``corpus`` is not modified: when passages must be added, the returned corpus is a copy that contains
+    them (otherwise it is ``corpus`` itself). Without a corpus, one is built from the positive (and negative) texts.
+    Query ids come from the query id column or, when absent, ``q:<sha1[:16]>`` of the normalized query.
     """
-    path = Path(path)
-    builder = _PairsBuilder(corpus, path)
+    explicit = check_mapping(columns, PAIR_ROLES, COLUMNS_KEY)
     count = 0
-    for line, row in _iter_rows(path):
-        builder.add_row(row, line)
-        count += 1
+    with open_rows(path) as rows:
+        reader = _RowReader(rows, explicit)
+        builder = _PairsBuilder(corpus, rows.path)
+        for line, raw in rows:
+            builder.add_row(reader.read(raw, line), line)
+            count += 1
     if count == 0:
-        raise InputError("no training pairs", path)
+        raise InputError("no training pairs", rows.path)
     entries = list(builder.by_text.values())
     queries = Queries([e.qid for e in entries], [e.text for e in entries])
     positives = {e.qid: list(e.doc_ids) for e in entries}
     merged = sum(len(e.names) for e in entries if len(e.names) > 1)
-    return Pairs(queries, positives, builder.current_corpus(), merged)
+    if builder.negatives:
+        log.info("%s: %d given negatives are mining candidates (%d new passages added to the corpus)", rows.path,
+                 builder.negatives, builder.new_negatives)
+    return Pairs(queries, positives, builder.current_corpus(), merged, builder.negatives, builder.new_negatives)
+
+
+def _either(cols: Sequence[str]) -> str:
+    names = [repr(c) for c in cols]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" or {names[-1]}"
 
 
 def _text_key_index(corpus: Corpus) -> dict[str, int]:
@@ -178,26 +256,3 @@ def _text_key_index(corpus: Corpus) -> dict[str, int]:
         if title.strip() and text.strip():
             index.setdefault(text_key(text), i)
     return index
-
-
-def _iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    if path.name.endswith(_PARQUET_SUFFIXES):
-        return _iter_parquet(path)
-    return iter_jsonl(path)
-
-
-def _iter_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Stream parquet rows in record batches (row numbers are 1-based)."""
-    import pyarrow.parquet as pq
-
-    if not path.is_file():
-        raise InputError("file not found", path)
-    try:
-        reader = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises several types (ArrowInvalid, OSError) for unreadable files
-        raise InputError(f"cannot read parquet file ({exc})", path) from exc
-    row_no = 0
-    for batch in reader.iter_batches(batch_size=8192):
-        for row in batch.to_pylist():
-            row_no += 1
-            yield row_no, row

@@ -58,32 +58,32 @@ def _world() -> tuple[int, int]:
 
 
 def gather_rows(local: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Concatenate every rank's rows (counts may differ, a rank may have none): gather shapes, pad to the
-    longest, gather in chunks, trim. Returns the concatenation in rank order on the CPU."""
+    """Concatenate every rank's rows (counts may differ, a rank may have none) with
+    :func:`nvr.utils.distributed.gather_padded`, ``GATHER_CHUNK_ROWS`` rows per collective call. Returns the
+    concatenation in rank order on the CPU."""
+    from nvr.utils.distributed import dist_all_gather, gather_padded
+
     rank, world = _world()
     if world == 1:
         return local.cpu()
-    shape = torch.tensor(list(local.shape), dtype=torch.long, device=device)
-    shapes = [torch.zeros_like(shape) for _ in range(world)]
-    dist.all_gather(shapes, shape)
-    counts = [int(s[0].item()) for s in shapes]
-    trailing = tuple(int(x) for x in torch.stack(shapes).max(dim=0).values[1:].tolist())
-    if local.shape[0] == 0:
-        local = local.reshape(0, *trailing)
-    longest = max(counts)
+    count = torch.tensor([local.shape[0]], dtype=torch.long, device=device)
+    longest = int(dist_all_gather(count).max().item())
     parts: list[list[torch.Tensor]] = [[] for _ in range(world)]
-    for start in range(0, longest, GATHER_CHUNK_ROWS):
-        stop = min(start + GATHER_CHUNK_ROWS, longest)
-        chunk = torch.zeros((stop - start, *trailing), dtype=local.dtype, device=device)
-        mine = local[start:stop]
-        chunk[: mine.shape[0]] = mine.to(device)
-        gathered = [torch.empty_like(chunk) for _ in range(world)]
-        dist.all_gather(gathered, chunk)
-        for r, g in enumerate(gathered):
-            valid = max(0, min(counts[r], stop) - start)
-            parts[r].append(g[:valid].cpu())
-    flat = [p for rank_parts in parts for p in rank_parts]
-    return torch.cat(flat, dim=0) if flat else local.cpu()
+    for start in range(0, max(longest, 1), GATHER_CHUNK_ROWS):  # one call even when no rank has rows (shapes)
+        gathered, _, counts = gather_padded(local[start : start + GATHER_CHUNK_ROWS].to(device), None,
+                                            dist_all_gather)
+        for r, c in enumerate(counts):
+            parts[r].append(gathered[r, :c].cpu())
+    return torch.cat([p for rank_parts in parts for p in rank_parts], dim=0)
+
+
+def datamodule_cache_dir(datamodule: object) -> str | None:
+    """The cache the data module mines into: its ``mining`` config's, else (``data.datasets``) the first mined
+    dataset's; None when nothing is mined (a fixed ``mined_dir``)."""
+    mining = getattr(datamodule, "mining", None)
+    if mining is None and getattr(datamodule, "mined_datasets", None):
+        mining = datamodule.mining_config(datamodule.mined_datasets[0])
+    return getattr(mining, "cache_dir", None)
 
 
 def deduplicate(embeddings: torch.Tensor, index: torch.Tensor, expected: int, what: str) -> np.ndarray:
@@ -156,8 +156,7 @@ class RetrievalEvaluator(Callback):
 
     def _frozen_reuse(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> _FrozenReuse | None:
         """The shared-cache context when the module's weights are exactly the base model's, else None."""
-        cache_dir = self.cache_dir or getattr(getattr(getattr(trainer, "datamodule", None), "mining", None),
-                                              "cache_dir", None)
+        cache_dir = self.cache_dir or datamodule_cache_dir(getattr(trainer, "datamodule", None))
         label = TRAINER_PRECISION_LABELS.get(str(trainer.precision))
         embedder = getattr(pl_module, "embedder", None)
         cfg = getattr(embedder, "config", None)
@@ -166,7 +165,7 @@ class RetrievalEvaluator(Callback):
                 or cfg.lora is not None or cfg.quantization is not None or cfg.pooling not in _REUSABLE_POOLING
                 or cfg.dtype != "float32" or cfg.attn_implementation != "sdpa"):
             return None
-        from nvr.mining.config import TeacherConfig
+        from nvr.config.mining import TeacherConfig
         from nvr.modeling.embedder import tokenizer_fingerprint
         from nvr.teachers.cache import EmbeddingCache
         from nvr.teachers.dense import load_dense_embedder, teacher_model_fingerprint

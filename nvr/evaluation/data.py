@@ -198,6 +198,7 @@ def build_eval_dataloaders(
     sets = list(eval_sets.values()) if isinstance(eval_sets, dict) else list(eval_sets)
     loaders = []
     for eval_set in sets:
+        check_prompts_fit(eval_set.config, tokenizer, add_eos)
         for kind in KINDS:
             if kind == "corpus" and _corpus_is_cached(eval_set, tokenizer, add_eos):
                 continue  # the evaluator takes the frozen base model's cached corpus embeddings instead
@@ -216,3 +217,16 @@ def _corpus_is_cached(eval_set: EvalSet, tokenizer, add_eos: bool) -> bool:
     from nvr.modeling.embedder import tokenizer_fingerprint
 
     return tokenizer_fingerprint(tokenizer) == cached.tokenizer
+
+
+def check_prompts_fit(cfg: EvalSetConfig, tokenizer, add_eos: bool) -> None:
+    """The same instruction-length check as training: a prompt that leaves no text token within the max length
+    would make every query (or passage) embedding pool only the prompt."""
+    from nvr.modeling.tokenization import check_prefix_fits
+
+    key = f"data.eval_sets[{cfg.name}]"
+    check_prefix_fits(tokenizer, cfg.query_text_prefix, cfg.query_max_length, add_eos,
+                      f"{key}.query_instruction" if cfg.query_prefix is None else f"{key}.query_prefix",
+                      "query_max_length")
+    check_prefix_fits(tokenizer, cfg.passage_prefix, cfg.passage_max_length, add_eos, f"{key}.passage_prefix",
+                      "passage_max_length")

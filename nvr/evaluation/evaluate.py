@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from nvr.config.mining import TeacherConfig
 from nvr.data.beir import beir_files
 from nvr.evaluation.data import EvalSet, EvalSetConfig, load_eval_set
 from nvr.evaluation.retrieval import evaluate_embeddings, mean_over_datasets
-from nvr.mining.config import TeacherConfig
 from nvr.modeling.config import EmbedderConfig
 from nvr.teachers.cache import EmbeddingCache
 from nvr.teachers.dense import dense_embedding_key, teacher_model_fingerprint
@@ -69,6 +69,7 @@ def read_folder_settings(model_dir: str) -> dict[str, Any]:
         config = nvr_meta["config"]
         settings.update({k: config[k] for k in ("pooling", "normalize", "max_length") if k in config})
         settings.update(_prompts(folder))
+        settings.update(_export_prompts(nvr_meta.get("prompts")))
         return settings
     st_config = _read_json(folder / "sentence_bert_config.json")
     if isinstance(st_config.get("max_seq_length"), int) and st_config["max_seq_length"] > 0:
@@ -88,6 +89,20 @@ def read_folder_settings(model_dir: str) -> dict[str, Any]:
                     settings["mask_instruction"] = not pooling_cfg["include_prompt"]
     settings.update(_prompts(folder))
     return settings
+
+
+def _export_prompts(prompts: Any) -> dict[str, Any]:
+    """What ``nvr export`` recorded in ``nvr_embedder.json`` (``prompts``): both prefixes, whether training masked
+    the query prefix from pooling, the passage length. Authoritative for nvr folders, also those without ST files."""
+    if not isinstance(prompts, dict):
+        return {}
+    found: dict[str, Any] = {}
+    for src, dst, kind in (("query_prefix", "query_prefix", str), ("passage_prefix", "passage_prefix", str),
+                           ("mask_prefix", "mask_instruction", bool), ("passage_max_length", "max_length", int)):
+        value = prompts.get(src)
+        if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            found[dst] = value
+    return found
 
 
 def _prompts(folder: Path) -> dict[str, str]:
@@ -228,6 +243,7 @@ def evaluate_model(
     dtype: str = "auto",
     k_values: Sequence[int] = (10, 100),
     search_memory_mb: int = 512,
+    truncate_dim: int | None = None,
     cache_dir: str | None = ".nvr_cache",
     output: str | None = None,
     overwrite: bool = False,
@@ -236,7 +252,8 @@ def evaluate_model(
     """Encode each BEIR split's judged queries and its corpus, search exactly, score with trec_eval semantics.
 
     Returns ``{"model", "settings", "datasets": {name: {metric: value}}, "mean": {...}, "timing_s": {...}}`` and
-    writes it to ``output`` (atomically) when given.
+    writes it to ``output`` (atomically) when given. ``truncate_dim`` scores the first N embedding dims only
+    (Matryoshka), re-normalized when the model normalizes; the corpus cache keeps the full embeddings.
     """
     if not beir_dirs:
         raise ConfigError("beir", "give at least one BEIR folder")
@@ -255,6 +272,9 @@ def evaluate_model(
     device = pick_eval_device(device)
     precision = resolve_precision(dtype, device)
     embedder = build_embedder(model, settings, device, precision.weights)
+    if truncate_dim is not None and not 0 < truncate_dim <= embedder.hidden_size:
+        raise ConfigError("truncate_dim", f"must be in [1, {embedder.hidden_size}] (the embedding size of {model}), "
+                                          f"got {truncate_dim}")
     options = EncodeOptions(batch_size, max_tokens_per_batch, precision)
     cache = EmbeddingCache(Path(cache_dir) / "embeddings") if cache_dir else None
     configs = _eval_set_configs(beir_dirs, split, settings, embedder.config.max_length, query_max_length)
@@ -268,6 +288,10 @@ def evaluate_model(
                                     eval_set.config.passage_max_length, precision, dtype, cache_dir)
             keys[eval_set.name] = key
         queries, docs = encode_eval_set(eval_set, embedder, options, cache, key)
+        if truncate_dim is not None:
+            from nvr.modeling.matryoshka import truncate_numpy  # torch is loaded by now (the embedder)
+
+            queries, docs = (truncate_numpy(x, truncate_dim, embedder.config.normalize) for x in (queries, docs))
         per_dataset[eval_set.name] = evaluate_embeddings(queries, docs, eval_set.query_ids, eval_set.doc_ids,
                                                          eval_set.qrels, k_values, search_memory_mb)
     result = {
@@ -276,7 +300,7 @@ def evaluate_model(
         "settings": {"pooling": embedder.config.pooling, "normalize": embedder.config.normalize,
                      "query_prefix": settings.query_prefix, "passage_prefix": settings.passage_prefix,
                      "mask_instruction": settings.mask_instruction, "max_length": embedder.config.max_length,
-                     "dtype": precision.label, "corpus_embedding_keys": keys},
+                     "dtype": precision.label, "corpus_embedding_keys": keys, "truncate_dim": truncate_dim},
         "datasets": per_dataset,
         "mean": mean_over_datasets(per_dataset),
         "timing_s": {"total": round(time.perf_counter() - started, 3)},

@@ -12,7 +12,7 @@ import numpy as np
 
 from nvr.data.beir import Qrels
 from nvr.evaluation.metrics import evaluate_run
-from nvr.mining.search import exact_topk
+from nvr.search.exact import exact_topk
 
 Run = dict[str, dict[str, float]]
 DEFAULT_METRICS = ("ndcg", "recall", "mrr")

@@ -16,7 +16,7 @@ import numpy as np
 
 from nvr.mining.filters import REASON_NAMES, FilterResult
 from nvr.mining.selection import Selection
-from nvr.mining.table import CandidateTable
+from nvr.search.table import CandidateTable
 from nvr.utils.atomic import atomic_file
 
 

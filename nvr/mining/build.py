@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -18,11 +18,9 @@ import numpy as np
 
 from nvr.data.beir import Corpus
 from nvr.data.text import text_key
-from nvr.mining.search import doc_id_order
-from nvr.mining.table import FORMAT_VERSION, CandidateTable, load_cached_table
-from nvr.teachers.cache import dist_rank_world
+from nvr.search.exact import doc_id_order
+from nvr.search.table import FORMAT_VERSION, CandidateTable, cached_or_built
 from nvr.utils.hashing import sha256_json, sha256_texts
-from nvr.utils.locking import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -104,27 +102,6 @@ def build_candidate_table(
         return compute()
     key = table_fingerprint(teacher, ids, texts, pos_lists, corpus, depth, excluded=ex_lists)
     return cached_or_built(Path(cache_dir) / "tables" / key, compute, f"teacher {teacher.name}")
-
-
-def cached_or_built(path: Path, compute: Callable[[], CandidateTable], what: str) -> CandidateTable:
-    """The verified table cached at ``path``, else ``compute()`` saved there (with its checksums).
-
-    The writer (rank 0) holds the entry's exclusive lock while computing, waiting for it when another process
-    holds it, then re-checks the cache: two processes never write one entry and the second reuses the first's
-    result. Other torchrun ranks compute without the lock (they help encode but never write the table).
-    """
-    cached = _load_cached(path, what)
-    if cached is not None:
-        return cached
-    if dist_rank_world()[0] != 0:
-        return compute()
-    with exclusive_lock(entry_lock_path(path), wait=True, what="candidate table cache entry"):
-        cached = _load_cached(path, what, warn=False)  # another process may have built it while we waited
-        if cached is not None:
-            return cached
-        table = compute()
-        table.save(path, overwrite=True)
-    return table
 
 
 def table_fingerprint(
@@ -269,17 +246,3 @@ def _pad_rows(rows: list[list[int]]) -> np.ndarray:
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
     return out
-
-
-def entry_lock_path(entry: Path) -> Path:
-    """What to lock for the cache entry ``<cache>/<kind>/<key>``: ``<cache>/.locks/<kind>/<key>`` (its lock file then
-    lives there, keeping the entry folders free of lock files)."""
-    return entry.parent.parent / ".locks" / entry.parent.name / entry.name
-
-
-def _load_cached(path: Path, what: str, warn: bool = True) -> CandidateTable | None:
-    """The verified cached table, or None (a corrupted one is reported with a warning naming the file)."""
-    table = load_cached_table(path, warn=warn)
-    if table is not None:
-        log.info("%s: candidate table loaded from cache %s", what, path)
-    return table

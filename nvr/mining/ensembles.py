@@ -19,7 +19,7 @@ import numpy as np
 from nvr.mining.filters import FilterResult
 from nvr.mining.samplers import ranked_survivors
 from nvr.mining.selection import Selection, from_positions
-from nvr.mining.table import CandidateTable
+from nvr.search.table import CandidateTable
 from nvr.utils.seeding import rng_for
 
 

@@ -13,13 +13,14 @@ scores above the threshold.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 
-from nvr.mining.config import AnchorPolicy, FilterConfig
-from nvr.mining.table import CandidateTable
+from nvr.config.mining import AnchorPolicy, FilterConfig
+from nvr.search.table import CandidateTable
 
 
 class Reason(IntEnum):
@@ -60,12 +61,16 @@ class FilterResult:
         anchor: (Q,) float32 positive score each threshold is relative to (``nan`` if the query has no scored
             positive); filled for every method so reports can compare positives with negatives.
         threshold: (Q,) float32 score upper bound of the method rule (``+inf`` for rank-only methods).
+        config: the filter that ran (calibrated parameters filled in), for reports and manifests.
+        calibration: how ``filter.calibrate`` chose its parameter (``calibrate.calibrate_filter``); empty if not.
     """
 
     keep: np.ndarray
     reason: np.ndarray
     anchor: np.ndarray
     threshold: np.ndarray
+    config: FilterConfig | None = None
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """Number of cells per reason, by name (padding included)."""
@@ -155,12 +160,18 @@ def method_threshold(anchor: np.ndarray, cfg: FilterConfig) -> np.ndarray:
     return np.full(q, np.inf, dtype=np.float32)
 
 
-def apply_filter(table: CandidateTable, cfg: FilterConfig, labels: np.ndarray | None = None) -> FilterResult:
+def apply_filter(
+    table: CandidateTable, cfg: FilterConfig, labels: np.ndarray | None = None,
+    calibration: dict[str, Any] | None = None,
+) -> FilterResult:
     """Run ``cfg.method`` (plus the optional ``min_score`` floor) over ``table``; see the module doc for the order.
 
     ``labels`` ((Q, N) uint8, from ``build.exclusion_reasons``) names why each flagged candidate is excluded; only
-    the reason codes change with it, never ``keep``.
+    the reason codes change with it, never ``keep``. ``cfg`` must be resolved: a ``filter.calibrate`` is chosen
+    first by ``calibrate.resolve_filter`` (whose record is passed as ``calibration``), never silently ignored.
     """
+    if cfg.calibrate is not None:
+        raise ValueError("apply_filter needs a resolved filter: run calibrate.resolve_filter first")
     scores = np.asarray(table.cand_scores, dtype=np.float32)
     anchor = anchor_scores(table.pos_scores, cfg.anchor)
     threshold = method_threshold(anchor, cfg)
@@ -187,4 +198,5 @@ def apply_filter(table: CandidateTable, cfg: FilterConfig, labels: np.ndarray | 
         labels = np.asarray(labels, dtype=np.uint8)
         relabel = (reason == Reason.POSITIVE) & (labels != 0)
         reason[relabel] = labels[relabel]
-    return FilterResult(keep=~rejected, reason=reason, anchor=anchor, threshold=threshold)
+    return FilterResult(keep=~rejected, reason=reason, anchor=anchor, threshold=threshold, config=cfg,
+                        calibration=dict(calibration or {}))

@@ -4,15 +4,20 @@ Row format (written by ``pipeline.mine``, keys in this order)::
 
     {"query_id": str, "query": str,
      "positives": [{"id": str, "text": str, "score": float | null}],
-     "negatives": [{"id": str, "text": str, "score": float, "teacher": str, "rank": int}]}
+     "negatives": [{"id": str, "text": str, "score": float, "teacher": str, "rank": int}],
+     "extra_positives": [{"id": str, "text": str, "score": float | null, "judge_score": float}]}
 
-``rank`` is the 0-based position of the negative in its teacher's candidate list.
+``rank`` is the 0-based position of the negative in its teacher's candidate list. ``extra_positives`` (optional;
+written when mining ran with ``relabel``) are candidates the filter rejected as too close to the positive that a
+cross-encoder judged relevant (``nvr.mining.relabel``): ``score`` is the first teacher's (null when it did not list
+the document), ``judge_score`` the judge's. Rows without the key have none.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,11 @@ class MinedExample:
     negative_teachers: list[str]
     negative_ranks: list[int]
     positive_scores: list[float | None] = field(default_factory=list)
+    extra_positive_ids: list[str] = field(default_factory=list)
+    extra_positive_texts: list[str] = field(default_factory=list)
+    extra_positive_scores: list[float] = field(default_factory=list)
+    """First-teacher scores of the extra positives (``nan`` where unknown)."""
+    extra_positive_judge_scores: list[float] = field(default_factory=list)
 
 
 def mined_file(path: str | Path) -> Path:
@@ -84,7 +94,37 @@ def _parse_row(row: dict[str, Any], path: Path, line: int) -> MinedExample:
         ex.negative_scores.append(float(_require(n, "score", (int, float), where, path, line)))
         ex.negative_teachers.append(_require(n, "teacher", str, where, path, line))
         ex.negative_ranks.append(_require(n, "rank", int, where, path, line))
+    _parse_extra_positives(row, ex, path, line)
     return ex
+
+
+def _number_or_null(value: Any, where: str, key: str, path: Path, line: int) -> float:
+    if value is None:
+        return float("nan")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise InputError(f"{where}'{key}' must be a number or null", path, line)
+    return float(value)
+
+
+def _parse_extra_positives(row: dict[str, Any], ex: MinedExample, path: Path, line: int) -> None:
+    """The optional ``extra_positives`` list (contract C2); one that repeats a positive or a negative, or itself, is
+    an error: the loss would then treat one document as both target and negative."""
+    if "extra_positives" not in row:
+        return
+    extras = _require(row, "extra_positives", list, "", path, line)
+    taken = {d: "positive" for d in ex.positive_ids} | {d: "negative" for d in ex.negative_ids}
+    for i, e in enumerate(extras):
+        where = f"extra_positives[{i}]: "
+        if not isinstance(e, dict):
+            raise InputError(f"{where}must be an object", path, line)
+        doc = _require(e, "id", str, where, path, line)
+        if doc in taken:
+            raise InputError(f"{where}{doc!r} is also a {taken[doc]} of query {ex.query_id!r}", path, line)
+        taken[doc] = "extra positive"
+        ex.extra_positive_ids.append(doc)
+        ex.extra_positive_texts.append(_require(e, "text", str, where, path, line))
+        ex.extra_positive_scores.append(_number_or_null(e.get("score"), where, "score", path, line))
+        ex.extra_positive_judge_scores.append(_number_or_null(e.get("judge_score"), where, "judge_score", path, line))
 
 
 def mined_problem(path: str | Path, require_manifest: bool = False) -> str | None:
@@ -153,9 +193,10 @@ def load_mined(path: str | Path) -> list[MinedExample]:
 
 
 def example_to_row(ex: MinedExample) -> dict[str, Any]:
-    """The inverse of parsing: the ``mined.jsonl`` object of one example (deterministic key order)."""
+    """The inverse of parsing: the ``mined.jsonl`` object of one example (deterministic key order;
+    ``extra_positives`` only when the example has some)."""
     scores = ex.positive_scores or [None] * len(ex.positive_ids)
-    return {
+    row = {
         "query_id": ex.query_id,
         "query": ex.query,
         "positives": [{"id": i, "text": t, "score": s} for i, t, s in zip(ex.positive_ids, ex.positive_texts, scores)],
@@ -166,3 +207,19 @@ def example_to_row(ex: MinedExample) -> dict[str, Any]:
             )
         ],
     }
+    if ex.extra_positive_ids:
+        n = len(ex.extra_positive_ids)
+        row["extra_positives"] = [
+            {"id": i, "text": t, "score": _finite_or_none(s), "judge_score": _finite_or_none(j)}
+            for i, t, s, j in zip(ex.extra_positive_ids, ex.extra_positive_texts,
+                                  _padded(ex.extra_positive_scores, n), _padded(ex.extra_positive_judge_scores, n))
+        ]
+    return row
+
+
+def _padded(values: list[float], n: int) -> list[float]:
+    return list(values) + [float("nan")] * (n - len(values))
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)

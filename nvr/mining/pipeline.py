@@ -32,35 +32,36 @@ from typing import Any
 
 import numpy as np
 
-from nvr.data.beir import (
-    Corpus,
-    Queries,
-    judged_relevant,
-    load_beir,
-    load_corpus,
-    positives_from_qrels,
-    same_text_queries,
-    union_over,
-)
-from nvr.data.pairs import read_pairs
-from nvr.mining.audit import write_audit
-from nvr.mining.build import build_candidate_table, exclusion_reasons
-from nvr.mining.config import (
+from nvr.config.mining import (
     CROSS_ENCODER_RUNTIME_KEYS,
     TEACHER_RUNTIME_KEYS,
     DataSource,
     MineConfig,
     TeacherConfig,
 )
+from nvr.data.beir import (
+    Corpus,
+    Queries,
+    judged_relevant,
+    load_beir,
+    positives_from_qrels,
+    same_text_queries,
+    union_over,
+)
+from nvr.data.corpus_file import load_corpus_file
+from nvr.data.pairs import read_pairs
+from nvr.mining.audit import write_audit
+from nvr.mining.build import build_candidate_table, exclusion_reasons
+from nvr.mining.calibrate import effective_filters
 from nvr.mining.ensembles import cross_sample, intra_sample, per_teacher_selections
 from nvr.mining.filters import FilterResult, Reason, apply_filter
 from nvr.mining.mined_set import MANIFEST_FILE, MINED_FILE
-from nvr.mining.report import build_report, plot_report
+from nvr.mining.report import build_report, filter_settings, plot_report
 from nvr.mining.samplers import needed_survivors, select, starved
 from nvr.mining.selection import Selection
-from nvr.mining.table import CandidateTable
-from nvr.teachers.cache import dist_rank_world
+from nvr.search.table import CandidateTable
 from nvr.utils.atomic import atomic_dir, atomic_file
+from nvr.utils.distributed import dist_rank_world
 from nvr.utils.errors import ConfigError, InputError
 from nvr.utils.hashing import sha256_json, sha256_texts
 
@@ -108,23 +109,45 @@ def content_config(cfg: MineConfig) -> dict[str, Any]:
     for teacher in out["teachers"]:
         for key in TEACHER_RUNTIME_KEYS:
             teacher.pop(key, None)
+        _drop_neutral(teacher, TEACHER_NEUTRAL)
+    _drop_neutral(out["data"], DATA_NEUTRAL)
+    _drop_neutral(out["filter"], FILTER_NEUTRAL)
     if out.get("cross_encoder"):
         for key in CROSS_ENCODER_RUNTIME_KEYS:
             out["cross_encoder"].pop(key, None)
+    if out.get("relabel") is None:
+        out.pop("relabel", None)  # off: the content address of every set mined without relabel stays unchanged
+    else:
+        for key in CROSS_ENCODER_RUNTIME_KEYS:
+            out["relabel"].pop(key, None)
     return out
+
+
+# Settings added after sets were mined, at their neutral value ("off" / the old behaviour), are left out of the
+# content address, so every set mined before they existed keeps its address; any other value is part of it.
+TEACHER_NEUTRAL: dict[str, Any] = {"filter": None, "cache_dtype": "float32", "search": "exact", "search_params": {}}
+DATA_NEUTRAL: dict[str, Any] = {"columns": None, "corpus_columns": None}
+FILTER_NEUTRAL: dict[str, Any] = {"calibrate": None}
+
+
+def _drop_neutral(section: dict[str, Any], neutral: dict[str, Any]) -> None:
+    for key, value in neutral.items():
+        if key in section and section[key] == value:
+            del section[key]
 
 
 def input_files(src: DataSource) -> dict[str, Path]:
     """Every file the mining data is read from, by role (BEIR: corpus, queries and every qrels split, so an edit of
-    any judgement file counts; pairs: the pairs file and its corpus). Missing ones are an ``InputError``."""
+    any judgement file counts; pairs: the pairs file and its corpus, any format). Missing ones are an
+    ``InputError``."""
     from nvr.data.beir import beir_files
+    from nvr.data.tabular import data_files
 
     files: dict[str, Path] = {}
-    if src.pairs_file is not None:
-        files["pairs"] = Path(src.pairs_file)
-        corpus = src.corpus_file or (str(Path(src.beir_dir) / "corpus.jsonl") if src.beir_dir else None)
-        if corpus is not None:
-            files["corpus"] = Path(corpus)
+    if src.pairs_file is not None:  # a datasets folder counts with every file in it: pairs/<name>, corpus/<name>
+        for role, source in (("pairs", src.pairs_file), ("corpus", src.pairs_corpus())):
+            if source is not None:
+                files.update({f"{role}/{name}" if name else role: path for name, path in data_files(source)})
     else:
         corpus_path, queries_path, _ = beir_files(src.beir_dir, src.split)
         files.update(corpus=corpus_path, queries=queries_path)
@@ -157,8 +180,14 @@ def mining_inputs(cfg: MineConfig, teacher_fingerprints: Sequence[dict[str, str]
         from nvr.teachers.cross_encoder import CrossEncoderRescorer
 
         cross_encoder = CrossEncoderRescorer(cfg.cross_encoder, cache_dir=cfg.cache_dir).fingerprint
-    return {"files": files_fingerprint(input_files(cfg.data), memo_dir_for(cfg.cache_dir)),
-            "teachers": list(teacher_fingerprints), "cross_encoder": cross_encoder}
+    out = {"files": files_fingerprint(input_files(cfg.data), memo_dir_for(cfg.cache_dir)),
+           "teachers": list(teacher_fingerprints), "cross_encoder": cross_encoder}
+    if cfg.relabel is not None:  # the judge's identity (model content + scoring settings)
+        from nvr.teachers.cross_encoder import CrossEncoderRescorer
+
+        out["relabel"] = CrossEncoderRescorer(cfg.relabel.judge_config(), activation=cfg.relabel.activation,
+                                              cache_dir=cfg.cache_dir, key="relabel").fingerprint
+    return out
 
 
 def mining_fingerprint(cfg: MineConfig, inputs: dict[str, Any] | None = None) -> str:
@@ -170,12 +199,13 @@ def mining_fingerprint(cfg: MineConfig, inputs: dict[str, Any] | None = None) ->
 
 
 def load_data(src: DataSource) -> MiningData:
-    """BEIR qrels (``beir_dir``/``split``) or a pairs file (with ``corpus_file`` or ``beir_dir``'s corpus)."""
+    """BEIR qrels (``beir_dir``/``split``) or a pairs file (with ``corpus_file`` or ``beir_dir``'s corpus), each in
+    any format ``nvr.data.tabular`` reads, columns mapped by ``data.columns`` / ``data.corpus_columns``."""
     merged_ids: set[str] = set()
     if src.pairs_file is not None:
-        corpus_path = src.corpus_file or (str(Path(src.beir_dir) / "corpus.jsonl") if src.beir_dir else None)
-        corpus = load_corpus(corpus_path) if corpus_path else None
-        pairs = read_pairs(src.pairs_file, corpus)
+        corpus_path = src.pairs_corpus()
+        corpus = load_corpus_file(corpus_path, src.corpus_columns) if corpus_path else None
+        pairs = read_pairs(src.pairs_file, corpus, src.columns)
         queries, positives, corpus = pairs.queries, pairs.positives, pairs.corpus
         skipped = 0
         excluded: dict[str, list[str]] = {}
@@ -257,11 +287,18 @@ def build_tables(
 
 
 def filter_tables(cfg: MineConfig, tables: Sequence[CandidateTable], data: MiningData) -> list[FilterResult]:
-    """``apply_filter`` per table, with each excluded candidate's cause (positive, query text, judged) recorded."""
+    """``apply_filter`` per table, with each excluded candidate's cause (positive, query text, judged) recorded.
+
+    Each teacher's table gets its own ``teachers[i].filter`` when set (else ``filter``), with a ``calibrate``
+    parameter chosen on that teacher's scores over all queries (``calibrate.resolve_filters``; re-built deep
+    tables reuse the choice)."""
+    from nvr.mining.calibrate import resolve_filters
+
+    resolved = resolve_filters(cfg, tables, data.queries.ids)
     return [
-        apply_filter(t, cfg.filter, exclusion_reasons(t, [data.queries.text(q) for q in t.query_ids], data.corpus,
-                                                      data.excluded))
-        for t in tables
+        apply_filter(t, fcfg, exclusion_reasons(t, [data.queries.text(q) for q in t.query_ids], data.corpus,
+                                                data.excluded), calibration=record)
+        for t, (fcfg, record) in zip(tables, resolved)
     ]
 
 
@@ -291,11 +328,12 @@ def check_feasible(cfg: MineConfig, data: MiningData) -> None:
 
 def check_selection_config(cfg: MineConfig) -> None:
     """Fail before any encoding on combinations that cannot work."""
-    random_teachers = [t.name for t in cfg.teachers if t.kind == "random"]
-    if random_teachers and cfg.cross_encoder is None and cfg.filter.method in POSITIVE_AWARE_FILTERS:
-        raise ConfigError("filter.method", f"random teacher(s) {random_teachers} give positives no score, so "
-                                           f"{cfg.filter.method} would keep nothing; use naive_topk (or add a "
-                                           "cross_encoder to score the random candidates)")
+    filters = effective_filters(cfg, [t.name for t in cfg.teachers])
+    for teacher, (filt, key) in zip(cfg.teachers, filters, strict=True):
+        if teacher.kind == "random" and cfg.cross_encoder is None and filt.method in POSITIVE_AWARE_FILTERS:
+            raise ConfigError(f"{key}.method", f"random teacher '{teacher.name}' gives positives no score, so "
+                                               f"{filt.method} would keep nothing; use naive_topk (or add a "
+                                               "cross_encoder to score the random candidates)")
     if cfg.ensemble.startswith("intra_sample") and cfg.sampler.method != "topk":
         raise ConfigError("sampler.method", f"{cfg.ensemble} merges survivors in rank order; use sampler.method topk")
     if cfg.sampler.method != "topk" and cfg.sampler.window < cfg.num_negatives:
@@ -338,14 +376,18 @@ class MiningResult:
     kept_rows: np.ndarray
     teacher_fingerprints: list[dict[str, str]]
     counts: dict[str, int]
+    relabelled: Any = None
+    """``nvr.mining.relabel.RelabelResult`` when ``cfg.relabel`` is set (extra positives per query id)."""
 
 
-def run_mining(cfg: MineConfig) -> MiningResult:
-    """All computation of ``mine`` without writing the output folder."""
+def run_mining(cfg: MineConfig, teachers: Sequence[Any] | None = None) -> MiningResult:
+    """All computation of ``mine`` without writing the output folder. ``teachers``: ready teacher objects, one
+    per ``cfg.teachers`` entry (e.g. the model being trained, for re-mining); default: built from the configs."""
     check_selection_config(cfg)
     data = load_data(cfg.data)
     check_feasible(cfg, data)
-    teachers = [make_teacher(t, cfg.cache_dir, cfg.seed) for t in cfg.teachers]
+    if teachers is None:
+        teachers = [make_teacher(t, cfg.cache_dir, cfg.seed) for t in cfg.teachers]
     tables = build_tables(cfg, teachers, data, cfg.depth)
     results = filter_tables(cfg, tables, data)
     selection, per_teacher = select_negatives(cfg, tables, results)
@@ -369,6 +411,11 @@ def run_mining(cfg: MineConfig) -> MiningResult:
     if kept.size == 0:
         raise ConfigError("shortfall", f"'drop' dropped all {still_short.size} queries: none has num_negatives="
                                        f"{cfg.num_negatives} survivors; lower num_negatives or use keep_short")
+    relabelled = None
+    if cfg.relabel is not None:
+        from nvr.mining.relabel import relabel_mined
+
+        relabelled = relabel_mined(cfg, data, [(tables, results), (deep_tables, deep_results)], selection, kept)
     counts = {
         **selection.shortfall_counts(),
         "recovered_by_widening": int((was_short & ~still_short).sum()),
@@ -380,10 +427,11 @@ def run_mining(cfg: MineConfig) -> MiningResult:
         "merged_duplicate_text_queries": data.merged_queries,
         "judged_relevant_excluded": sum(len(v) for v in data.excluded.values()),
         **excluded_candidate_counts([*tables, *deep_tables], [*results, *deep_results]),
+        **(relabelled.counts if relabelled is not None else {}),
     }
     fingerprints = teacher_records(teachers, cfg.teachers)
     return MiningResult(data, tables, results, selection, per_teacher, deep_tables, deep_results, kept,
-                        fingerprints, counts)
+                        fingerprints, counts, relabelled)
 
 
 def _round(x: float) -> float | None:
@@ -418,8 +466,12 @@ def mined_rows(res: MiningResult) -> list[dict[str, Any]]:
             for d, s, t, k in zip(sel.neg_idx[r].tolist(), sel.neg_scores[r].tolist(), sel.neg_teacher[r].tolist(),
                                   sel.neg_rank[r].tolist()) if d >= 0
         ]
-        out.append({"query_id": qid, "query": res.data.queries.text(qid), "positives": positives,
-                    "negatives": negatives})
+        row = {"query_id": qid, "query": res.data.queries.text(qid), "positives": positives, "negatives": negatives}
+        if res.relabelled is not None:  # contract C2: present (maybe empty) on every row of a relabelled set
+            from nvr.mining.relabel import extra_positive_rows
+
+            row["extra_positives"] = extra_positive_rows(res.relabelled.extra.get(qid, []), corpus)
+        out.append(row)
     return out
 
 
@@ -450,14 +502,17 @@ def manifest(cfg: MineConfig, res: MiningResult, mined: dict[str, Any]) -> dict[
         "versions": package_versions(),
         "teachers": res.teacher_fingerprints,
         "cross_encoder": cross_encoder,
+        **({"relabel": {"model_name_or_path": cfg.relabel.model_name_or_path, "fingerprint": inputs["relabel"]}}
+           if cfg.relabel is not None else {}),
         "input_files": inputs["files"],
         "data": res.data.fingerprints(),
         "counts": res.counts,
+        "filters": filter_settings(res.tables, res.results),
         "files": {MINED_FILE: mined},
     }
 
 
-def _write_outputs(folder: Path, cfg: MineConfig, res: MiningResult, started: float) -> None:
+def write_outputs(folder: Path, cfg: MineConfig, res: MiningResult, started: float) -> None:
     digest = hashlib.sha256()
     size = rows = 0
     with atomic_file(folder / MINED_FILE, "wb") as fh:
@@ -505,8 +560,9 @@ def mine(cfg: MineConfig) -> Path:
     """
     import contextlib
 
+    from nvr.mining.preflight import preflight_mine, teacher_key_scope
     from nvr.utils.locking import exclusive_lock
-    from nvr.utils.preflight import check_output_dir, preflight_mine, teacher_key_scope
+    from nvr.utils.preflight import check_output_dir
 
     started = time.monotonic()
     out = Path(cfg.output_dir)
@@ -520,6 +576,6 @@ def mine(cfg: MineConfig) -> Path:
         if not writer:
             return out  # under torchrun every rank helps encode; only rank 0 writes the (identical) result
         with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
-            _write_outputs(tmp, run_cfg, res, started)
+            write_outputs(tmp, run_cfg, res, started)
     log.info("mined %d queries -> %s", res.counts["written"], out)
     return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from nvr.mining.config import FilterConfig, SamplerConfig
+from nvr.config.mining import FilterConfig, SamplerConfig
 from nvr.utils.errors import ConfigError
 
 Preset = tuple[FilterConfig, SamplerConfig]

@@ -7,16 +7,18 @@ Everything returned is plain JSON (ints, floats, lists, dicts), so ``json.dumps`
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Sequence
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
 from nvr.mining.filters import REASON_NAMES, FilterResult, Reason
 from nvr.mining.selection import Selection
-from nvr.mining.table import CandidateTable
+from nvr.search.table import CandidateTable
 
 
 def score_stats(values: np.ndarray) -> dict[str, float | int | None]:
@@ -135,38 +137,150 @@ def build_report(
             "positive_minus_first_negative": score_stats(pos - neg),
         },
         "teacher_overlap_jaccard": jaccard_overlap(per_teacher, names),
+        "filters": filter_settings(tables, results),
     }
     if extra:
         report.update(extra)
     return report
 
 
-def plot_report(
-    path: str | Path, selection: Selection, tables: Sequence[CandidateTable], results: Sequence[FilterResult]
-) -> None:
-    """PNG with the paper's Fig. 4 view: positive vs first-negative scores, and their difference."""
+def describe_filter(cfg: Any) -> str:
+    """One line naming a filter rule and its threshold (paper names), e.g. ``TopK-PercPos: n < 0.95 x positive``."""
+    if cfg is None:
+        return "filter not recorded"
+    rule = {
+        "naive_topk": "naive top-k (no threshold)",
+        "topk_shifted": f"top-k shifted by {cfg.shift} (rank rule, no score threshold)",
+        "topk_abs": f"TopK-Abs: n < {cfg.max_score:g}",
+        "topk_marginpos": f"TopK-MarginPos: n < positive - {cfg.margin:g}",
+        "topk_percpos": f"TopK-PercPos: n < {cfg.perc:g} x positive",
+    }.get(cfg.method, str(cfg.method))
+    if cfg.method in ("topk_marginpos", "topk_percpos"):
+        rule += f" (anchor: {cfg.anchor} of positives)"
+    if cfg.min_score is not None:
+        rule += f", n >= {cfg.min_score:g}"
+    return rule
+
+
+def _threshold_axis(configs: Sequence[Any]) -> str:
+    """What the right panel shows: the quantity the configured relative rule thresholds (one for all teachers)."""
+    methods = {getattr(c, "method", None) for c in configs}
+    if methods == {"topk_percpos"}:
+        return "ratio"
+    return "margin"
+
+
+def _robust_limits(values: np.ndarray, marks: Sequence[float], q: float = 0.005) -> tuple[float, float] | None:
+    """x-limits spanning the [q, 1-q] quantiles of ``values`` and every threshold mark, padded by 5%: a few
+    extreme values (a ratio over a near-zero positive score) must not squash the distribution into one bar."""
+    finite = values[np.isfinite(values)]
+    points = [float(m) for m in marks if np.isfinite(m)]
+    if finite.size:
+        lo, hi = np.quantile(finite, [q, 1 - q])
+        points += [float(lo), float(hi)]
+    if not points:
+        return None
+    lo, hi = min(points), max(points)
+    pad = 0.05 * (hi - lo) if hi > lo else max(abs(hi) * 0.05, 0.05)
+    return lo - pad, hi + pad
+
+
+def _clipped_hist(ax, values: np.ndarray, limits: tuple[float, float] | None, what: str, **kwargs) -> int:
+    """Histogram of the values inside ``limits``; the count outside is noted in the axis label (set the label
+    first). Returns that count."""
+    values = values[np.isfinite(values)]
+    outside = 0
+    if limits is not None:
+        inside = (values >= limits[0]) & (values <= limits[1])
+        outside = int((~inside).sum())
+        values = values[inside]
+        ax.set_xlim(*limits)
+    bins = np.linspace(limits[0], limits[1], 41) if limits is not None else 40
+    ax.hist(values, bins=bins, **kwargs)
+    if outside:
+        ax.set_xlabel(f"{ax.get_xlabel()} ({outside} {what} outside the axis)")
+    return outside
+
+
+def report_figure(selection: Selection, tables: Sequence[CandidateTable], results: Sequence[FilterResult]):
+    """The paper's Fig. 4 view: positive vs first-negative scores (left) and the quantity the filter thresholds
+    (right: negative / positive for TopK-PercPos, positive - negative otherwise), with the threshold drawn where the
+    rule has one, and a title naming the method, its threshold and the teacher(s)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nvr.utils.atomic import atomic_file
-
+    configs = [r.config for r in results]
+    names = [t.teacher for t in tables]
     pos, neg = positive_negative_scores(selection, tables, results)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.4))
     finite = np.concatenate([pos[np.isfinite(pos)], neg[np.isfinite(neg)]])
     bins = np.linspace(finite.min(), finite.max(), 41) if finite.size and np.ptp(finite) > 0 else 40
     ax1.hist(pos[np.isfinite(pos)], bins=bins, alpha=0.6, label="positive (anchor)")
     ax1.hist(neg[np.isfinite(neg)], bins=bins, alpha=0.6, label="first negative")
+    absolute: dict[tuple[float, str], list[str]] = {}  # absolute rules: one line per value on the score axis
+    for name, cfg in zip(names, configs):
+        for mark in _absolute_marks(cfg):
+            absolute.setdefault(mark, []).append(name)
+    for (value, label), owners in absolute.items():
+        some = len(owners) < len(names)
+        ax1.axvline(value, color="tab:red", linestyle="--", label=f"{label} ({', '.join(owners)})" if some else label)
     ax1.set_xlabel("teacher score")
     ax1.set_ylabel("queries")
-    ax1.legend()
+    ax1.legend(fontsize=8)
     ax1.set_title("positive vs first negative")
-    diff = (pos - neg)[np.isfinite(pos - neg)]
-    ax2.hist(diff, bins=40, color="tab:green")
-    ax2.set_xlabel("positive - first negative")
-    ax2.set_title("score margin")
+
+    kind = _threshold_axis(configs)
+    if kind == "ratio":
+        ok = np.isfinite(pos) & np.isfinite(neg) & (pos > 0)
+        values = neg[ok] / pos[ok]
+        ax2.set_xlabel("first negative / positive")
+        marks = [(c.perc, f"threshold {c.perc:g}") for c in configs]
+    else:
+        values = (pos - neg)[np.isfinite(pos - neg)]
+        ax2.set_xlabel("positive - first negative")
+        marks = [(c.margin, f"threshold {c.margin:g}") for c in configs
+                 if getattr(c, "method", None) == "topk_marginpos"]
+    distinct = list(dict.fromkeys(marks))
+    _clipped_hist(ax2, values, _robust_limits(values, [m for m, _ in distinct]), "queries", color="tab:green")
+    for value, label in distinct:
+        ax2.axvline(value, color="tab:red", linestyle="--", label=label)
+    if distinct:
+        ax2.legend(fontsize=8)
+    ax2.set_title("first negative relative to positive" if kind == "ratio" else "score margin")
+    fig.suptitle(report_title(names, configs), fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def _absolute_marks(cfg: Any) -> list[tuple[float, str]]:
+    marks = []
+    if getattr(cfg, "method", None) == "topk_abs":
+        marks.append((float(cfg.max_score), f"max_score {cfg.max_score:g}"))
+    if getattr(cfg, "min_score", None) is not None:
+        marks.append((float(cfg.min_score), f"min_score {cfg.min_score:g}"))
+    return marks
+
+
+def report_title(names: Sequence[str], configs: Sequence[Any]) -> str:
+    """``<rule> | teacher <name>``; teachers with different filters get one rule each."""
+    rules = [describe_filter(c) for c in configs]
+    if len(set(rules)) <= 1:
+        label = "teacher" if len(names) == 1 else "teachers"
+        return f"{rules[0] if rules else 'no filter'} | {label} {', '.join(names)}"
+    return " | ".join(f"{n}: {r}" for n, r in zip(names, rules))
+
+
+def plot_report(
+    path: str | Path, selection: Selection, tables: Sequence[CandidateTable], results: Sequence[FilterResult]
+) -> None:
+    """Write :func:`report_figure` as a PNG (atomically)."""
+    import matplotlib.pyplot as plt
+
+    from nvr.utils.atomic import atomic_file
+
+    fig = report_figure(selection, tables, results)
     with atomic_file(path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=80, metadata={"Software": None})
     plt.close(fig)
@@ -176,10 +290,11 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     """A short console table: per teacher, candidates removed per rule; then the selection counts."""
     lines = []
     reasons = [r for r in report["reasons"] if r != "padding"]
-    header = f"{'teacher':<20}" + "".join(f"{r:>13}" for r in reasons)
+    width = max([13, *(len(r) + 1 for r in reasons)])  # a column never runs into its neighbour's name
+    header = f"{'teacher':<20}" + "".join(f"{r:>{width}}" for r in reasons)
     lines.append(header)
     for name, t in report["teachers"].items():
-        lines.append(f"{name[:20]:<20}" + "".join(f"{t['rule_counts'][r]:>13}" for r in reasons))
+        lines.append(f"{name[:20]:<20}" + "".join(f"{t['rule_counts'][r]:>{width}}" for r in reasons))
     s = report["selection"]
     lines.append(
         f"queries {s['queries']}: full {s['full']}, short {s['short']}, empty {s['empty']}, widened "
@@ -196,3 +311,25 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         if st["count"]:
             lines.append(f"{key:<32} mean {st['mean']:.4f}  p50 {st['p50']:.4f}  min {st['min']:.4f}")
     return lines
+
+
+def filter_settings(tables: Sequence[CandidateTable], results: Sequence[FilterResult]) -> dict[str, Any]:
+    """Per teacher, the filter that ran (a per-teacher ``filter`` or the run's, with the parameter
+    ``filter.calibrate`` chose filled in) and the calibration record (empty when not calibrated)."""
+    import dataclasses
+
+    out: dict[str, Any] = {}
+    for t, r in zip(tables, results):
+        config = None if r.config is None else {k: v for k, v in dataclasses.asdict(r.config).items()
+                                                if k != "calibrate"}
+        out[t.teacher] = {"config": config, "calibration": dict(r.calibration)}
+    return out
+
+
+def print_mining_summary(out: str | Path, stream: TextIO | None = None) -> None:
+    """The per-teacher rule counts, selection counts and score statistics of a mined folder's ``report.json``,
+    then ``mined -> <folder>``: printed by ``nvr mine`` and by ``nvr fit`` when its datamodule mines (same lines)."""
+    out = Path(out)
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    print("\n".join(summary_lines(report)), file=stream or sys.stdout)
+    print(f"mined -> {out}", file=stream or sys.stdout, flush=True)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from nvr.mining.config import SamplerConfig
+from nvr.config.mining import SamplerConfig
 from nvr.utils.errors import ConfigError
 from nvr.utils.seeding import rng_for
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nvr.mining.table import CandidateTable
+from nvr.search.table import CandidateTable
 
 
 @dataclass

@@ -23,10 +23,14 @@ unmerged LoRA adapter.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,15 +174,17 @@ def export_embedder(
     max_length: int | None = None,
     sentence_transformers: bool = True,
     overwrite: bool = False,
+    checkpoint: dict[str, Any] | None = None,
 ) -> Path:
     """Write the export folder atomically and return its path. The source embedder is not modified.
 
     ``mask_prefix`` masks the *query* prefix from mean pooling (training's ``mask_instruction``); the passage
     prefix is never masked, as in training. ``max_length`` is the passage length (ST's ``max_seq_length``).
     Unset values come from a training checkpoint's record, else: no prompts, no masking, ``embedder.max_length``.
+    ``checkpoint``: the already-read dict of a checkpoint ``source`` (spares a second read of a large file).
     """
     check_output_outside_inputs(out_dir, [source])
-    embedder, record = load_source(source, out_dir, sentence_transformers, merge_lora)
+    embedder, record = load_source(source, out_dir, sentence_transformers, merge_lora, checkpoint)
     cfg = embedder.config
     check_output_outside_inputs(out_dir, [cfg.model_name_or_path])
     if sentence_transformers:
@@ -190,13 +196,14 @@ def export_embedder(
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         embedder.write_to(tmp, backbone=backbone, cfg=out_cfg, extra_meta={"prompts": enc, "training": record})
         if sentence_transformers:
-            write_st_files(tmp, out_cfg, embedder.hidden_size, enc)
+            write_st_files(tmp, out_cfg, embedder.hidden_size, enc, record.get("matryoshka_dims"))
         write_model_card(tmp, cfg, enc, record, sentence_transformers)
     return Path(out_dir)
 
 
 def load_source(source: Embedder | nn.Module | str | Path, out_dir: str | Path | None = None,
-                sentence_transformers: bool = False, merge_lora: bool = True) -> tuple[Embedder, dict[str, Any]]:
+                sentence_transformers: bool = False, merge_lora: bool = True,
+                checkpoint: dict[str, Any] | None = None) -> tuple[Embedder, dict[str, Any]]:
     """The embedder plus, for a training checkpoint, what training recorded about its inputs (else ``{}``).
 
     With ``out_dir``, a checkpoint's base model folder and ST expressibility are checked from its config before
@@ -204,7 +211,7 @@ def load_source(source: Embedder | nn.Module | str | Path, out_dir: str | Path |
     if isinstance(source, (str, Path)):
         path = Path(str(source))
         if is_distributed_checkpoint(path) or path.is_file():
-            ckpt = read_checkpoint(path)
+            ckpt = read_checkpoint(path) if checkpoint is None else checkpoint
             cfg = checkpoint_config(ckpt, path)
             if out_dir is not None:
                 check_output_outside_inputs(out_dir, [cfg.model_name_or_path])
@@ -284,6 +291,59 @@ def check_st_expressible(cfg: EmbedderConfig, merge_lora: bool) -> None:
         raise ConfigError("merge_lora", "a sentence-transformers export needs merged LoRA weights (merge_lora=True)")
 
 
+def st_expressible(cfg: EmbedderConfig) -> bool:
+    """Whether a merged export of ``cfg`` can carry sentence-transformers files (see :func:`check_st_expressible`)."""
+    try:
+        check_st_expressible(cfg, merge_lora=True)
+    except ConfigError:
+        return False
+    return True
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    """``path`` names a Lightning checkpoint (a file, or an FSDP2 checkpoint folder), not a model folder/hub id."""
+    candidate = Path(str(path)).expanduser()
+    return candidate.is_file() or is_distributed_checkpoint(candidate)
+
+
+@dataclasses.dataclass
+class ExportedCheckpoint:
+    """A checkpoint exported for reading: the folder, its encoding (:func:`export_encoding`), and whether it has
+    sentence-transformers files."""
+
+    folder: Path
+    encoding: dict[str, Any]
+    sentence_transformers: bool
+    config: EmbedderConfig
+
+
+@contextlib.contextmanager
+def exported_checkpoint(path: str | Path, parent: str | Path | None = None) -> Iterator[ExportedCheckpoint]:
+    """Export a training checkpoint (full, LoRA trainable-only, QLoRA or FSDP2) into a temporary folder that lives
+    for the ``with`` block: the very folder ``nvr export`` would write (sentence-transformers files where the
+    embedder is expressible there), so anything reading it sees the exported model's embeddings. ``parent``: where
+    the temporary folder goes (default: the system temp dir; a merged 7B model needs ~15 GB there)."""
+    path = Path(str(path)).expanduser()
+    ckpt = read_checkpoint(path)
+    cfg = checkpoint_config(ckpt, path)
+    st = st_expressible(cfg)
+    tmp = Path(tempfile.mkdtemp(prefix="nvr-checkpoint-", dir=parent))
+    try:
+        folder = export_embedder(path, tmp / "model", sentence_transformers=st, checkpoint=ckpt)
+        del ckpt
+        yield ExportedCheckpoint(folder, export_encoding(folder), st, cfg)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_encoding(folder: Path) -> dict[str, Any]:
+    """The encoding an export folder was written with (``nvr_embedder.json`` ``prompts``: query/passage prefix,
+    ``mask_prefix``, query/passage max length), ``{}`` for a folder that records none."""
+    from nvr.modeling.embedder import read_meta
+
+    return dict(read_meta(folder).get("prompts") or {})
+
+
 def export_backbone(embedder: Embedder, merge_lora: bool) -> tuple[nn.Module, EmbedderConfig]:
     """The backbone to write (a merged copy when LoRA is merged) and the config that describes it."""
     cfg = embedder.config
@@ -318,7 +378,8 @@ def st_pooling_config(cfg: EmbedderConfig, hidden_size: int, include_prompt: boo
     }
 
 
-def write_st_files(folder: Path, cfg: EmbedderConfig, hidden_size: int, enc: dict[str, Any]) -> None:
+def write_st_files(folder: Path, cfg: EmbedderConfig, hidden_size: int, enc: dict[str, Any],
+                   matryoshka_dims: list[int] | None = None) -> None:
     """modules.json + module configs. Pooling masks the query prompt iff training masked it (mean pooling only:
     cls/last-token read the attention mask); the passage prefix is never masked. If the two differ, a Router picks
     the Pooling by task (``encode_query`` / ``encode_document``)."""
@@ -345,7 +406,8 @@ def write_st_files(folder: Path, cfg: EmbedderConfig, hidden_size: int, enc: dic
         "similarity_fn_name": "cosine" if cfg.normalize else "dot",
         "nvr": {"query_max_length": enc["query_max_length"], "passage_max_length": enc["passage_max_length"],
                 "note": "sentence-transformers has one max_seq_length: the passage length; nvr truncates queries "
-                        "at query_max_length"},
+                        "at query_max_length",
+                **({"matryoshka_dims": list(matryoshka_dims)} if matryoshka_dims else {})},
     })
 
 
@@ -378,7 +440,7 @@ def write_model_card(folder: Path, cfg: EmbedderConfig, enc: dict[str, Any], rec
              f"- query prompt: {json.dumps(enc['query_prefix'])} (masked from pooling: {masked})",
              f"- document prompt: {json.dumps(enc['passage_prefix'])} (not masked)",
              lengths + (" (sentence-transformers uses the passage length for both)" if sentence_transformers else ""),
-             ""]
+             *matryoshka_lines(record.get("matryoshka_dims"), sentence_transformers), ""]
     if sentence_transformers:
         lines += ["```python", "from sentence_transformers import SentenceTransformer", "",
                   'model = SentenceTransformer("path/to/this/folder")',
@@ -408,6 +470,15 @@ def write_model_card(folder: Path, cfg: EmbedderConfig, enc: dict[str, Any], rec
         lines.append("")
     with atomic_file(folder / CARD_FILE) as fh:
         fh.write("\n".join(lines))
+
+
+def matryoshka_lines(dims: list[int] | None, sentence_transformers: bool) -> list[str]:
+    """Model-card line for a Matryoshka-trained model: the dims training optimised and how to truncate."""
+    if not dims:
+        return []
+    how = (f"`SentenceTransformer(path, truncate_dim={min(dims)})`" if sentence_transformers
+           else f"`nvr eval --truncate_dim {min(dims)}`")
+    return [f"- Matryoshka dims (trained): {list(dims)}; truncate e.g. with {how}"]
 
 
 def _read_manifest(mined_dir: str | None) -> dict[str, Any] | None:

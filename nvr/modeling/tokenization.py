@@ -56,6 +56,28 @@ def prefix_token_ids(tokenizer, prefix: str) -> list[int]:
     return ids
 
 
+def prefix_room(tokenizer, prefix: str, max_length: int, add_eos: bool = False) -> int:
+    """How many text tokens a long text keeps for pooling after ``prefix`` within ``max_length`` (special tokens and
+    the prefix span measured as :func:`tokenize` masks it). 0 means the prefix alone fills the budget."""
+    probe = " ".join(["a"] * max_length)
+    features = tokenize(tokenizer, [probe], max_length, prefix=prefix, mask_prefix=True, add_eos=add_eos)
+    special = set(tokenizer.all_special_ids)
+    pooled = features["input_ids"][0][features["pool_mask"][0].bool()].tolist()
+    return sum(1 for t in pooled if t not in special)
+
+
+def check_prefix_fits(tokenizer, prefix: str, max_length: int, add_eos: bool, key: str, length_key: str) -> None:
+    """A ``ConfigError`` naming ``key`` when ``prefix`` (an instruction) leaves no text token within
+    ``max_length``: truncation cuts the end of ``prefix + text``, so the text would vanish and the embedding would
+    pool only special tokens. The prefix is never truncated (a cut instruction is another instruction)."""
+    if not prefix or prefix_room(tokenizer, prefix, max_length, add_eos) > 0:
+        return
+    used = len(tokenizer(prefix, add_special_tokens=True)["input_ids"]) + (1 if add_eos else 0)
+    shown = prefix if len(prefix) <= 60 else f"{prefix[:57]}..."
+    raise ConfigError(key, f"the instruction {shown!r} takes {used} tokens with the special tokens, leaving no room "
+                           f"for the text within {length_key}={max_length}; shorten it or raise {length_key}")
+
+
 def _pad_right(encoded: list[list[int]], pad_id: int, prefix_ids: list[int]) -> dict[str, Tensor]:
     width = max((len(ids) for ids in encoded), default=0)
     input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)

@@ -10,9 +10,9 @@ from importlib.metadata import version
 
 import numpy as np
 
+from nvr.config.mining import TeacherConfig
 from nvr.data.beir import Corpus
-from nvr.mining.config import TeacherConfig
-from nvr.mining.search import topk_of_scores
+from nvr.search.exact import topk_of_scores
 from nvr.utils.hashing import sha256_json
 
 

@@ -5,7 +5,8 @@ complete (shards are removed after assembly). Every ``.npy`` is written atomical
 (``<file>.sum``, see ``nvr.utils.checksum``) and verified before it is used: a shard or assembled file that is
 truncated, overwritten with garbage or has no checksum is recomputed with a one-line warning naming it, never used.
 A killed run resumes from its finished shards; the temp files a killed single-process run leaves behind are deleted
-when a run resumes. Under torchrun each rank encodes shards ``i % world_size == rank``; rank 0 assembles and the
+when a run resumes. Under torchrun each rank encodes the shards :func:`shard_owners` gives it (balanced by
+characters, a token-count proxy, not by text count); rank 0 assembles and the
 other ranks wait for the (verified) assembled file, so the result is the same array for any world size.
 
 Within one process, a file that verified is not hashed again while its identity and its sidecar's (inode, size,
@@ -19,6 +20,12 @@ so they never wait on each other's locks.
 The folder depends on the settings key and the texts only, not on the shard size: the shard size a run started
 with is recorded in ``manifest.json`` and a resumed run keeps it (so its finished shards stay valid), and a
 finished ``embeddings.npy`` is reused whatever shard size is asked for.
+
+Storage dtype (``dtype`` of :meth:`EmbeddingCache.get_or_encode`, ``TeacherConfig.cache_dtype``): ``float32``
+(default), ``float16`` or ``bfloat16`` (stored as its raw ``uint16`` bits, since numpy has no bfloat16, and
+returned as a :class:`Bfloat16Rows` that converts rows to float32 on read). A half-precision cache halves the disk,
+RAM and search traffic of a 7B teacher's corpus; the rounding changes the embeddings, so the storage dtype is part
+of the folder identity (float32 folders keep their old names).
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ _FINAL = "embeddings.npy"
 _FOLDER_SHARD_SIZE = 10000
 """Constant hashed into every folder name: folders were once keyed by the shard size (always 10,000 then), so
 hashing the same value keeps those caches valid now that the shard size lives in ``manifest.json`` only."""
+STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+"""Storage dtype name -> the numpy dtype of the files (bfloat16 as its raw 16 bits)."""
 _PROCESS_START = time.time()
 """Temp files last modified before this process imported the cache belong to an earlier (killed) run."""
 
@@ -67,9 +76,78 @@ def embedding_key(
     return sha256_json({**settings, "dtype": dtype, **extra})
 
 
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world_size) from the torchrun environment, (0, 1) when not launched by torchrun."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+class Bfloat16Rows:
+    """Read-only ``[N, H]`` bfloat16 matrix over its ``uint16`` bit pattern (e.g. a memmap): indexing returns
+    float32 rows (exact: every bfloat16 is a float32), slicing with ``.rows(a, b)`` returns another view."""
+
+    dtype_name = "bfloat16"
+
+    def __init__(self, bits: np.ndarray) -> None:
+        if bits.dtype != np.uint16 or bits.ndim != 2:
+            raise ValueError(f"Bfloat16Rows needs a 2-D uint16 array, got {bits.dtype} {bits.shape}")
+        self.bits = bits
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.bits.shape
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def nbytes(self) -> int:
+        return self.bits.nbytes
+
+    def __len__(self) -> int:
+        return self.bits.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        return bfloat16_to_float32(self.bits[index])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = bfloat16_to_float32(self.bits)
+        return out if dtype is None else out.astype(dtype)
+
+    def rows(self, start: int, stop: int) -> Bfloat16Rows:
+        return Bfloat16Rows(self.bits[start:stop])
+
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """The float32 values of raw bfloat16 bits (exact); one 4-byte buffer per value, shifted in place."""
+    out = np.asarray(bits, dtype=np.uint16).astype(np.uint32)
+    out <<= 16
+    return out.view(np.float32)
+
+
+def float32_to_bfloat16(x: np.ndarray) -> np.ndarray:
+    """Raw bfloat16 bits of float32 values, rounded to nearest even (what ``torch.bfloat16`` does)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+
+
+def to_storage(emb: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 embeddings in the storage dtype; values a half type cannot hold (fp16 beyond 65504) are an error."""
+    emb = np.asarray(emb, dtype=np.float32)
+    if dtype == "float32":
+        return emb
+    with np.errstate(over="ignore"):  # reported below with the dtype named
+        out = emb.astype(np.float16) if dtype == "float16" else float32_to_bfloat16(emb)
+    back = out if dtype == "float16" else bfloat16_to_float32(out)
+    if not np.isfinite(back).all() and np.isfinite(emb).all():
+        raise ValueError(f"embeddings overflow cache_dtype {dtype} (max |x| {float(np.abs(emb).max()):.3g}); "
+                         "use cache_dtype float32 or bfloat16")
+    return out
+
+
+def from_storage(arr: np.ndarray, dtype: str):
+    """What readers get for a stored array: the array itself (float32 / float16), or :class:`Bfloat16Rows`."""
+    return Bfloat16Rows(arr) if dtype == "bfloat16" else arr
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"cache dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
 
 
 class EmbeddingCache:
@@ -83,9 +161,11 @@ class EmbeddingCache:
         self._verified: dict[Path, tuple] = {}
         """File -> ``_stat_pair`` when it last verified in this process (see :meth:`_load_checked`)."""
 
-    def folder(self, key: str, texts: Sequence[str]) -> Path:
-        """Folder of one (settings, texts) combination."""
+    def folder(self, key: str, texts: Sequence[str], dtype: str = "float32") -> Path:
+        """Folder of one (settings, texts, storage dtype) combination."""
         ident = {"key": key, "texts": sha256_texts(texts), "shard_size": _FOLDER_SHARD_SIZE}
+        if dtype != "float32":  # float32 folders keep the names they had before storage dtypes existed
+            ident["storage_dtype"] = dtype
         return self.root / sha256_json(ident)[:32]
 
     def get_or_encode(
@@ -96,8 +176,10 @@ class EmbeddingCache:
         shard_size: int = DEFAULT_SHARD_SIZE,
         rank: int = 0,
         world_size: int = 1,
+        dtype: str = "float32",
     ) -> np.ndarray:
-        """``[N, H]`` float32 embeddings of ``texts`` (a read-only memmap), encoding only the missing shards.
+        """``[N, H]`` embeddings of ``texts`` (a read-only memmap, or :class:`Bfloat16Rows` for ``dtype:
+        bfloat16``) stored in ``dtype``, encoding only the missing shards.
 
         ``encode_fn(list_of_texts) -> [n, H]`` is called once per missing (or corrupted) shard owned by this rank.
         An empty ``texts`` gives a ``(0, 0)`` array without calling ``encode_fn``. ``shard_size`` applies to a new
@@ -107,16 +189,19 @@ class EmbeddingCache:
             raise ValueError(f"shard_size must be > 0, got {shard_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        _check_dtype(dtype)
         if len(texts) == 0:
             return np.zeros((0, 0), dtype=np.float32)
         return self._get_or_compute(key, texts, lambda a, b: encode_fn(list(texts[a:b])), shard_size, rank,
-                                    world_size)
+                                    world_size, dtype)
 
-    def get(self, key: str, texts: Sequence[str]) -> np.ndarray | None:
+    def get(self, key: str, texts: Sequence[str], dtype: str = "float32") -> np.ndarray | None:
         """The finished, verified ``[N, H]`` embeddings of ``(key, texts)``, or None (nothing is encoded)."""
+        _check_dtype(dtype)
         if len(texts) == 0:
             return None
-        return self._load_checked(self.folder(key, texts) / _FINAL, len(texts), warn=True)
+        arr = self._load_checked(self.folder(key, texts, dtype) / _FINAL, len(texts), warn=True, dtype=dtype)
+        return None if arr is None else from_storage(arr, dtype)
 
     def put(self, key: str, texts: Sequence[str], embeddings: np.ndarray) -> np.ndarray:
         """Store embeddings computed elsewhere (e.g. gathered by the validation loop) under ``(key, texts)``,
@@ -129,46 +214,59 @@ class EmbeddingCache:
 
     # ------------------------------------------------------------------------------------------------ internals
     def _get_or_compute(self, key: str, texts: Sequence[str], rows_fn: RowsFn, shard_size: int, rank: int,
-                        world_size: int) -> np.ndarray:
+                        world_size: int, dtype: str = "float32"):
         """:meth:`get_or_encode` with ``rows_fn(start, stop)`` giving the rows of ``texts[start:stop]``."""
-        folder = self.folder(key, texts)
+        return from_storage(self._stored(key, texts, rows_fn, shard_size, rank, world_size, dtype), dtype)
+
+    def _stored(self, key: str, texts: Sequence[str], rows_fn: RowsFn, shard_size: int, rank: int,
+                world_size: int, dtype: str) -> np.ndarray:
+        """The assembled file's array in its storage dtype (see :meth:`_get_or_compute`)."""
+        folder = self.folder(key, texts, dtype)
         final = folder / _FINAL
-        loaded = self._load_checked(final, len(texts), warn=True)
+        loaded = self._load_checked(final, len(texts), warn=True, dtype=dtype)
         if loaded is not None:
             return loaded
         if rank == 0 and final.exists():
-            self._discard_final(final, len(texts))
+            self._discard_final(final, len(texts), dtype)
         if world_size == 1:
             _remove_stale_temp_files(folder)
         shard_size = self._write_manifest(folder, key, texts, shard_size)
         n_shards = -(-len(texts) // shard_size)
         seen = _stat_pair(final)
-        for i in range(rank, n_shards, world_size):
+        owners = shard_owners(texts, shard_size, world_size)
+        mine = [i for i in range(n_shards) if owners[i] == rank]
+        started, done = time.monotonic(), 0
+        for i in mine:
             if _stat_pair(final) != seen and final.exists():
                 break  # another process assembled the file meanwhile: verify that instead of re-encoding
-            self._ensure_shard(folder, i, texts, shard_size, rows_fn)
+            self._ensure_shard(folder, i, texts, shard_size, rows_fn, dtype)
+            done += min(shard_size, len(texts) - i * shard_size)
+        if world_size > 1 and done:
+            elapsed = max(time.monotonic() - started, 1e-9)
+            log.info("rank %d/%d: %d of %d shards (%d texts) in %.1fs: %.1f docs/s", rank, world_size, len(mine),
+                     n_shards, done, elapsed, done / elapsed)
         if rank != 0:
-            return self._wait_for_final(final, len(texts), rank)
+            return self._wait_for_final(final, len(texts), rank, dtype)
         with exclusive_lock(final, wait=True, what="embedding cache file"):
-            loaded = _load_verified(final, len(texts), warn=False)  # another process may have assembled it
+            loaded = _load_verified(final, len(texts), warn=False, dtype=dtype)  # assembled by another process?
             if loaded is not None:
                 return loaded
             self._wait_for(folder, [_shard_name(i) for i in range(n_shards)], rank)
             for i in range(n_shards):  # re-encode any shard that does not verify (e.g. corrupted on disk)
-                self._ensure_shard(folder, i, texts, shard_size, rows_fn)
-            self._assemble(folder, n_shards, len(texts))
+                self._ensure_shard(folder, i, texts, shard_size, rows_fn, dtype)
+            self._assemble(folder, n_shards, len(texts), dtype)
         return np.load(final, mmap_mode="r")
 
-    def _load_checked(self, path: Path, n_rows: int, warn: bool) -> np.ndarray | None:
+    def _load_checked(self, path: Path, n_rows: int, warn: bool, dtype: str = "float32") -> np.ndarray | None:
         """:func:`_load_verified`, skipping the hash when this process already verified the file and neither it nor
         its sidecar changed since (a file changed within the last clock tick is always hashed again)."""
         state = _stat_pair(path)
         if state[0] is not None and self._verified.get(path) == state:
-            arr = _load_array(path, n_rows)
+            arr = _load_array(path, n_rows, dtype)
             if arr is not None:
                 return arr
         started = time.time_ns()
-        arr = _load_verified(path, n_rows, warn)
+        arr = _load_verified(path, n_rows, warn, dtype)
         self._verified.pop(path, None)
         if arr is not None and _stat_pair(path) == state and all(
             s is not None and settled(s[2], s[3], started) for s in state
@@ -192,26 +290,27 @@ class EmbeddingCache:
         write_text_atomic(path, json.dumps(manifest, indent=2, sort_keys=True))
         return _recorded_shard_size(path) or shard_size  # another rank's identical manifest may have won the race
 
-    def _discard_final(self, final: Path, n_texts: int) -> None:
+    def _discard_final(self, final: Path, n_texts: int, dtype: str = "float32") -> None:
         """Remove an assembled file that failed verification (under its lock: a live writer may be replacing it)."""
         with exclusive_lock(final, wait=True, what="embedding cache file"):
-            if final.exists() and _load_verified(final, n_texts, warn=False) is None:
+            if final.exists() and _load_verified(final, n_texts, warn=False, dtype=dtype) is None:
                 remove_with_sidecar(final)
 
-    def _ensure_shard(self, folder: Path, i: int, texts: Sequence[str], shard_size: int, rows_fn: RowsFn) -> None:
+    def _ensure_shard(self, folder: Path, i: int, texts: Sequence[str], shard_size: int, rows_fn: RowsFn,
+                      dtype: str = "float32") -> None:
         """Compute and write shard ``i`` unless a verified copy exists (checked again under the shard's lock)."""
         path = folder / _shard_name(i)
         start, stop = i * shard_size, min((i + 1) * shard_size, len(texts))
-        if self._load_checked(path, stop - start, warn=True) is not None:
+        if self._load_checked(path, stop - start, warn=True, dtype=dtype) is not None:
             return
         with exclusive_lock(path, wait=True, what="embedding cache shard"):
-            if _shard_ok(path, stop - start, warn=False):
+            if _shard_ok(path, stop - start, warn=False, dtype=dtype):
                 return  # written by another process while we waited
             emb = np.asarray(rows_fn(start, stop), dtype=np.float32)
             if emb.ndim != 2 or emb.shape[0] != stop - start:
                 raise ValueError(f"encode_fn returned shape {emb.shape} for {stop - start} texts (shard {i})")
             with checksummed_file(path) as fh:
-                np.save(fh, emb, allow_pickle=False)
+                np.save(fh, to_storage(emb, dtype), allow_pickle=False)
 
     def _wait_for(self, folder: Path, names: list[str], rank: int) -> None:
         """Poll until every file exists; the timeout restarts whenever one more file appears."""
@@ -230,7 +329,7 @@ class EmbeddingCache:
                 deadline = time.monotonic() + self.wait_timeout_s
             missing = still
 
-    def _wait_for_final(self, final: Path, n_texts: int, rank: int) -> np.ndarray:
+    def _wait_for_final(self, final: Path, n_texts: int, rank: int, dtype: str = "float32") -> np.ndarray:
         """Wait until rank 0 has assembled a file that verifies (re-checked whenever its checksum changes)."""
         checked: tuple | None = None
         while True:
@@ -238,19 +337,19 @@ class EmbeddingCache:
             state = _stat_pair(final)
             if state != checked:
                 checked = state
-                loaded = _load_verified(final, n_texts, warn=False)
+                loaded = _load_verified(final, n_texts, warn=False, dtype=dtype)
                 if loaded is not None:
                     return loaded
             time.sleep(self.poll_s)
 
-    def _assemble(self, folder: Path, n_shards: int, n_texts: int) -> None:
+    def _assemble(self, folder: Path, n_shards: int, n_texts: int, dtype: str = "float32") -> None:
         """Copy the shards into one ``.npy`` (shard by shard, bounded memory) with its checksum, then drop them."""
         shards = [np.load(folder / _shard_name(i), mmap_mode="r") for i in range(n_shards)]
         dims = {s.shape[1] for s in shards}
         if len(dims) != 1 or sum(s.shape[0] for s in shards) != n_texts:
             raise RuntimeError(f"{folder}: inconsistent shards (dims {sorted(dims)}); delete the folder and re-run")
         tmp = folder / f".{_FINAL}.{os.getpid()}.tmp"
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_texts, dims.pop()))
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=STORAGE_DTYPES[dtype], shape=(n_texts, dims.pop()))
         row = 0
         for s in shards:
             out[row : row + s.shape[0]] = s
@@ -261,6 +360,24 @@ class EmbeddingCache:
         os.replace(tmp, folder / _FINAL)
         for i in range(n_shards):
             remove_with_sidecar(folder / _shard_name(i))
+
+
+def shard_owners(texts: Sequence[str], shard_size: int, world_size: int) -> list[int]:
+    """Rank that encodes each shard, balancing the ranks by token count rather than text count: shards are taken
+    in order and each goes to the rank with the least work so far (ties: lowest rank), the work of a shard being
+    its characters (+1 per text), a tokenizer-free proxy of its tokens. The busiest rank ends at most one shard's
+    work above the idlest (list scheduling); equal shards give round robin. A pure function of the texts (the same
+    on every rank) that never changes the embeddings, only who computes them."""
+    n_shards = -(-len(texts) // shard_size)
+    if world_size == 1:
+        return [0] * n_shards
+    load = [0] * world_size
+    owners = []
+    for i in range(n_shards):
+        r = min(range(world_size), key=lambda j: (load[j], j))
+        owners.append(r)
+        load[r] += sum(len(t) + 1 for t in texts[i * shard_size : (i + 1) * shard_size])
+    return owners
 
 
 def _shard_name(i: int) -> str:
@@ -279,18 +396,19 @@ def _stat_pair(final: Path) -> tuple:
     return tuple(out)
 
 
-def _load_array(path: Path, n_rows: int) -> np.ndarray | None:
-    """The ``[n_rows, H]`` float32 array at ``path`` as a read-only memmap, or None (unreadable, other shape)."""
+def _load_array(path: Path, n_rows: int, dtype: str = "float32") -> np.ndarray | None:
+    """The ``[n_rows, H]`` array (of the storage ``dtype``) at ``path`` as a read-only memmap, or None (unreadable,
+    other shape or dtype)."""
     try:
         arr = np.load(path, mmap_mode="r")
     except (ValueError, OSError):
         return None
-    return arr if arr.ndim == 2 and arr.shape[0] == n_rows and arr.dtype == np.float32 else None
+    return arr if arr.ndim == 2 and arr.shape[0] == n_rows and arr.dtype == STORAGE_DTYPES[dtype] else None
 
 
-def _load_verified(path: Path, n_rows: int, warn: bool) -> np.ndarray | None:
-    """The ``[n_rows, H]`` float32 array at ``path`` as a read-only memmap when it matches its checksum, else None
-    (with a warning naming the file when it exists but is corrupted or unverifiable)."""
+def _load_verified(path: Path, n_rows: int, warn: bool, dtype: str = "float32") -> np.ndarray | None:
+    """The ``[n_rows, H]`` array (storage ``dtype``) at ``path`` as a read-only memmap when it matches its
+    checksum, else None (with a warning naming the file when it exists but is corrupted or unverifiable)."""
     if not path.exists():
         return None
     problem = verify_sidecar(path)
@@ -300,8 +418,9 @@ def _load_verified(path: Path, n_rows: int, warn: bool) -> np.ndarray | None:
             arr = np.load(path, mmap_mode="r")
         except (ValueError, OSError) as err:
             problem = f"unreadable ({err})"
-    if arr is not None and (arr.ndim != 2 or arr.shape[0] != n_rows or arr.dtype != np.float32):
-        problem, arr = f"shape {arr.shape} {arr.dtype}, expected ({n_rows}, H) float32", None
+    expected = np.dtype(STORAGE_DTYPES[dtype])
+    if arr is not None and (arr.ndim != 2 or arr.shape[0] != n_rows or arr.dtype != expected):
+        problem, arr = f"shape {arr.shape} {arr.dtype}, expected ({n_rows}, H) {expected}", None
     if problem is not None:
         if warn:
             log.warning("%s: %s; recomputing it", path, problem)
@@ -309,8 +428,8 @@ def _load_verified(path: Path, n_rows: int, warn: bool) -> np.ndarray | None:
     return arr
 
 
-def _shard_ok(path: Path, n_rows: int, warn: bool) -> bool:
-    return _load_verified(path, n_rows, warn) is not None
+def _shard_ok(path: Path, n_rows: int, warn: bool, dtype: str = "float32") -> bool:
+    return _load_verified(path, n_rows, warn, dtype) is not None
 
 
 def _recorded_shard_size(manifest: Path) -> int | None:

@@ -8,6 +8,10 @@ With a ``cache_dir`` the rescored table is cached (checksummed, like candidate t
 ``cache_dir/ce_scores/<key>``, where the key covers the cross-encoder (content of its model folder: weights,
 config, tokenizer), ``max_length``, ``dtype``, the activation, and the pairs scored (query texts, the corpus
 content, the candidate and positive rows of the input table and its flags).
+
+:meth:`CrossEncoderRescorer.cached_scores` scores a list of aligned (query, passage) pairs through the embedding
+cache instead (``cache_dir/pair_scores``, keyed by the same fingerprint and the exact pair texts): the relabel judge
+(``nvr.mining.relabel``) uses it.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from typing import Literal
 
 import numpy as np
 
+from nvr.config.mining import CrossEncoderConfig
 from nvr.data.beir import Corpus
-from nvr.mining.config import CrossEncoderConfig
-from nvr.mining.search import doc_id_order
-from nvr.mining.table import CandidateTable
+from nvr.search.exact import doc_id_order
+from nvr.search.table import CandidateTable
 from nvr.teachers.dense import pick_device
 from nvr.utils.fingerprint import memo_dir_for, model_fingerprint
 from nvr.utils.hashing import sha256_json, sha256_texts
@@ -42,8 +46,14 @@ class CrossEncoderRescorer:
     like sentence-transformers' ``CrossEncoder.predict``, so percentage margins stay meaningful)."""
 
     def __init__(
-        self, cfg: CrossEncoderConfig, activation: Activation = "sigmoid", cache_dir: str | Path | None = None
+        self, cfg: CrossEncoderConfig, activation: Activation = "sigmoid", cache_dir: str | Path | None = None,
+        key: str = "cross_encoder",
     ) -> None:
+        """``key``: the config key the settings came from (``cross_encoder`` or ``relabel``), named by the error a
+        missing or damaged model folder raises here, before anything is loaded."""
+        from nvr.utils.models import check_model_source
+
+        check_model_source(cfg.model_name_or_path, f"{key}.model_name_or_path")
         self.cfg = cfg
         self.activation = activation
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
@@ -136,6 +146,33 @@ class CrossEncoderRescorer:
                 out[idx] = self._activate(logits).cpu().numpy()
         return out
 
+    def cached_scores(self, queries: Sequence[str], passages: Sequence[str], shard_size: int = 10000) -> np.ndarray:
+        """:meth:`score` through the embedding cache (``cache_dir/pair_scores``): keyed by :attr:`fingerprint` (model
+        content + max length + dtype + activation) and the exact pair texts, stored as ``[N, 1]`` shards with
+        checksums, so a warm run loads no model, an interrupted one resumes, and torchrun ranks split the shards.
+        Without ``cache_dir`` the pairs are scored directly."""
+        if len(queries) != len(passages):
+            raise ValueError(f"{len(queries)} queries but {len(passages)} passages")
+        if not queries:
+            return np.zeros(0, dtype=np.float32)
+        if self.cache_dir is None:
+            return self.score(queries, passages)
+        import json
+
+        from nvr.teachers.cache import EmbeddingCache
+        from nvr.utils.distributed import dist_rank_world
+
+        pairs = [json.dumps([q, p], ensure_ascii=False) for q, p in zip(queries, passages)]
+
+        def score_chunk(chunk: list[str]) -> np.ndarray:
+            qs, ps = zip(*(json.loads(c) for c in chunk))
+            return self.score(qs, ps)[:, None]
+
+        rank, world = dist_rank_world()
+        cache = EmbeddingCache(self.cache_dir / "pair_scores")
+        out = cache.get_or_encode(self.fingerprint, pairs, score_chunk, shard_size, rank=rank, world_size=world)
+        return np.asarray(out[:, 0], dtype=np.float32)
+
     def _pair_lengths(self, queries: Sequence[str], passages: Sequence[str]) -> list[int]:
         """Token count of every pair after truncation (what its row of a batch costs)."""
         lengths: list[int] = []
@@ -161,7 +198,7 @@ class CrossEncoderRescorer:
             raise ValueError(f"corpus has {len(corpus)} docs but the table indexes {len(table.doc_ids)}")
         if self.cache_dir is None:
             return self._rescore(table, query_texts, corpus)
-        from nvr.mining.build import cached_or_built
+        from nvr.search.table import cached_or_built
 
         path = self.cache_dir / "ce_scores" / self.scores_key(table, query_texts, corpus)
         what = f"cross-encoder scores of {table.teacher}"

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from nvr.config.mining import TeacherConfig
 from nvr.data.beir import Corpus
-from nvr.mining.config import TeacherConfig
-from nvr.mining.search import exact_topk, score_pairs
-from nvr.teachers.cache import EmbeddingCache, dist_rank_world, embedding_key
+from nvr.search.exact import score_pairs
+from nvr.search.sharded import sharded_topk
+from nvr.teachers.cache import EmbeddingCache, embedding_key
+from nvr.utils.distributed import dist_rank_world
 from nvr.utils.errors import config_key_scope
 from nvr.utils.fingerprint import model_fingerprint
 from nvr.utils.hashing import sha256_json
@@ -46,8 +52,11 @@ def teacher_model_fingerprint(
 
 def dense_embedding_key(model_key: str, cfg: TeacherConfig, prefix: str, max_length: int, dtype_label: str) -> str:
     """THE key of one dense encoding (teachers, ``nvr eval`` and the validation callback all use it, so the same
-    model at the same settings encodes a corpus once): model part + pooling + prefix + max length + precision."""
-    return embedding_key(model_key, cfg.pooling, prefix, max_length, dtype_label)
+    model at the same settings encodes a corpus once): model part + pooling + prefix + max length + precision, and
+    the cache storage dtype when it is not float32 (float32 keys stay what they were)."""
+    storage = getattr(cfg, "cache_dtype", "float32")
+    extra = {} if storage == "float32" else {"cache_dtype": storage}
+    return embedding_key(model_key, cfg.pooling, prefix, max_length, dtype_label, **extra)
 
 
 def load_dense_embedder(cfg: TeacherConfig, precision: Precision, key: str = "teacher"):
@@ -78,8 +87,6 @@ def pick_device(device: str) -> str:
 
     if not torch.cuda.is_available():
         return "cpu"
-    import os
-
     return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
 
 
@@ -166,8 +173,11 @@ class DenseTeacher:
     def settings_fingerprint(self) -> str:
         """Key of everything that changes this teacher's rankings: the model + settings and both embedding keys
         (query / passage prefix and max length). The candidate-table cache and the manifest use it."""
-        return sha256_json({"teacher": "dense", "queries": self._embedding_key(*self._query_settings()),
-                            "passages": self._embedding_key(*self._passage_settings())})
+        ident = {"teacher": "dense", "queries": self._embedding_key(*self._query_settings()),
+                 "passages": self._embedding_key(*self._passage_settings())}
+        if self.cfg.search != "exact":  # exact keys stay what they were
+            ident["search"] = {"method": self.cfg.search, "params": dict(sorted(self.cfg.search_params.items()))}
+        return sha256_json(ident)
 
     def _query_settings(self) -> tuple[str, int]:
         return self.cfg.query_prefix, self.cfg.query_max_length
@@ -197,7 +207,8 @@ class DenseTeacher:
             )
 
         rank, world_size = dist_rank_world()
-        return self.cache.get_or_encode(key, list(texts), encode, self.shard_size, rank=rank, world_size=world_size)
+        return self.cache.get_or_encode(key, list(texts), encode, self.shard_size, rank=rank, world_size=world_size,
+                                        dtype=self.cfg.cache_dtype)
 
     def rank_corpus(
         self,
@@ -208,9 +219,40 @@ class DenseTeacher:
         doc_order: np.ndarray | None = None,
         memory_mb: float = 1024,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Top-k ``(scores, idx)`` over the corpus and the scores of ``pair_idx[Q, P]`` (``-1`` -> nan)."""
+        """Top-k ``(scores, idx)`` over the corpus and the scores of ``pair_idx[Q, P]`` (``-1`` -> nan).
+
+        Under torchrun (``WORLD_SIZE`` > 1) the search is sharded over the ranks (``nvr.search.sharded``: each rank
+        reads only its corpus rows); every run writes finished query chunks under ``cache_dir/search/<key>`` so a
+        killed search resumes from them (with any world size), and removes them once the search is complete.
+        """
         queries = self.encode_queries(query_texts)
-        docs = self.encode_passages(corpus.passages())
-        scores, idx = exact_topk(queries, docs, k, memory_mb=memory_mb, doc_order=doc_order)
+        passages = corpus.passages()
+        docs = self.encode_passages(passages)
         rows = np.broadcast_to(np.arange(len(query_texts))[:, None], pair_idx.shape)
+        if self.cfg.search != "exact":
+            from nvr.search.ann import ann_topk
+
+            scores, idx = ann_topk(queries, docs, k, self.cfg.search, self.cfg.search_params, doc_order)
+            return scores, idx, score_pairs(queries, docs, rows, pair_idx)
+        world = 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "torch.distributed" in sys.modules:
+            from nvr.utils.distributed import ensure_process_group
+
+            world = ensure_process_group()
+        work_dir = self._search_dir(query_texts, passages, k, doc_order)
+        rank_world = None if world > 1 else (0, 1)
+        scores, idx = sharded_topk(queries, docs, k, memory_mb=memory_mb, doc_order=doc_order, work_dir=work_dir,
+                                   rank_world=rank_world)
+        if rank_world is not None or dist_rank_world()[0] == 0:
+            shutil.rmtree(work_dir, ignore_errors=True)  # the caller caches the table; the chunks were for resuming
         return scores, idx, score_pairs(queries, docs, rows, pair_idx)
+
+    def _search_dir(self, query_texts: Sequence[str], passages: Sequence[str], k: int,
+                    doc_order: np.ndarray | None) -> Path:
+        """Resume folder of one search: both embedding folders (settings + texts + storage dtype), k, tie order."""
+        q_folder = self.cache.folder(self._embedding_key(*self._query_settings()), query_texts, self.cfg.cache_dtype)
+        d_folder = self.cache.folder(self._embedding_key(*self._passage_settings()), passages, self.cfg.cache_dtype)
+        order = "identity" if doc_order is None else hashlib.sha256(
+            np.ascontiguousarray(doc_order, dtype=np.int64).tobytes()).hexdigest()
+        key = sha256_json({"queries": q_folder.name, "docs": d_folder.name, "k": k, "order": order})[:32]
+        return self.cache.root.parent / "search" / key

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from nvr.config.mining import TeacherConfig
 from nvr.data.beir import Corpus
-from nvr.mining.config import TeacherConfig
 from nvr.utils.hashing import sha256_json
 from nvr.utils.seeding import rng_for
 

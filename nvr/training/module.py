@@ -21,6 +21,11 @@ Checkpoints and warm starts:
   re-encodes each mini-batch (replayed dropout, same autocast) and back-propagates it. Gradient accumulation,
   clipping, the LR schedule, checkpoints/resume and DDP (incl. cross-device negatives) work unchanged and are tested
   equal to the uncached loss. Not supported: FSDP2 (a ConfigError) and DDP with ``find_unused_parameters=True``.
+* The objective (:mod:`nvr.training.objective`) is a function of the embeddings only: InfoNCE with multi-positive
+  targets, teacher and self-guided masking, KD from teacher scores and Matryoshka dims work the same in both paths.
+  A batch may override ``use_in_batch_negatives`` (per-dataset setting, contract C1) and names its dataset, whose
+  loss is logged as ``train/loss/<dataset>``; ``train/accuracy``, ``train/margin`` and ``train/grad_norm`` come
+  from the step's own scores and gradients (no extra forward).
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ from nvr.modeling.config import EmbedderConfig, as_embedder_config
 from nvr.modeling.embedder import Embedder
 from nvr.modeling.export import ENCODING_KEY, PARTIAL_KEY  # checkpoint format, shared with nvr export
 from nvr.training.cached import PendingBackward, cached_backward, encode_without_grad
-from nvr.training.loss import PAD_ID, info_nce
+from nvr.training.kd import teacher_group_scores
+from nvr.training.loss import MULTI_POSITIVE_MODES, PAD_ID, MultiPositive
+from nvr.training.objective import LOSS_KINDS, LossKind, Objective, ObjectiveOutput
+from nvr.utils.distributed import gather_padded
 from nvr.utils.errors import ConfigError, InputError
 from nvr.utils.seeding import derive_seed
 
@@ -69,6 +77,19 @@ class BiEncoderModule(pl.LightningModule):
             forward; the loss still spans the whole batch (and the other ranks' passages) with the same gradients.
         mini_batch_num_tokens: cached InfoNCE with a budget of padded tokens (rows x longest) per forward.
             Either setting turns caching on; both may be combined. None (default) = one forward per field.
+        loss: ``infonce`` | ``kd`` (KL divergence to the mined set's teacher scores over each query's own
+            positive + hard negatives, :mod:`nvr.training.kd`) | ``infonce+kd`` (their sum).
+        kd_weight: factor of the KD term.
+        kd_temperature: student temperature of the KD softmax; None = ``temperature``.
+        kd_teacher_temperature: teacher temperature of the KD softmax; None = the student's KD temperature (right
+            for cosine teachers; set it for other scales, e.g. 1.0 for cross-encoder logits).
+        multi_positive: with extra positives in the batch: ``each`` (every positive its own target, the others
+            masked; mean over the query's positives) or ``logsumexp`` (log of the softmax mass on the positive set).
+        self_mask_margin: Qwen3-Embedding's self-guided masking: drop in-batch and hard negatives whose score from
+            the model being trained exceeds the positive's by more than this (0.1 in Qwen3); None = off.
+        matryoshka_dims: sum the loss over these truncated embedding sizes (e.g. [768, 512, 256, 128, 64]),
+            re-normalized when the embedder normalizes; None = the full embedding only.
+        matryoshka_weights: one weight per Matryoshka dim; None = 1 each.
     """
 
     def __init__(
@@ -86,12 +107,21 @@ class BiEncoderModule(pl.LightningModule):
         seed: int | None = None,
         mini_batch_size: int | None = None,
         mini_batch_num_tokens: int | None = None,
+        loss: LossKind = "infonce",
+        kd_weight: float = 1.0,
+        kd_temperature: float | None = None,
+        kd_teacher_temperature: float | None = None,
+        multi_positive: MultiPositive = "each",
+        self_mask_margin: float | None = None,
+        matryoshka_dims: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
     ) -> None:
         settings = {k: v for k, v in locals().items() if k not in ("self", "embedder", "__class__")}
         super().__init__()
         cfg = as_embedder_config(embedder, key="model.embedder")
         check_finite_hparams(settings, cfg)
         _validate(temperature, false_negative_perc, lr, weight_decay, warmup_steps, scheduler)
+        validate_objective(settings)
         for key, value in (("mini_batch_size", mini_batch_size), ("mini_batch_num_tokens", mini_batch_num_tokens)):
             if value is not None and value < 1:
                 raise ConfigError(f"model.{key}", f"must be >= 1 or null, got {value}")
@@ -99,6 +129,14 @@ class BiEncoderModule(pl.LightningModule):
         self.hparams["embedder"] = cfg.to_dict()
         self.embedder_config = cfg
         self.embedder = Embedder.from_config(cfg)
+        check_matryoshka_dims(matryoshka_dims, self.embedder.hidden_size)
+        self.objective = Objective(
+            temperature=temperature, loss=loss, kd_weight=kd_weight, kd_temperature=kd_temperature,
+            kd_teacher_temperature=kd_teacher_temperature, multi_positive=multi_positive,
+            self_mask_margin=self_mask_margin,
+            matryoshka_dims=tuple(matryoshka_dims) if matryoshka_dims else None,
+            matryoshka_weights=tuple(matryoshka_weights) if matryoshka_weights else None, normalize=cfg.normalize,
+        )
         self.seed = seed
         self._pending: PendingBackward | None = None
         if init_from:
@@ -125,18 +163,10 @@ class BiEncoderModule(pl.LightningModule):
         query_emb = self.encode(batch["query"])
         batch_size, group = batch["passage_ids"].shape
         passage_emb = self.encode(batch["passages"]).reshape(batch_size, group, -1)
-        remote_emb, remote_ids = self._remote_passages(passage_emb, batch["passage_ids"])
-        loss = info_nce(
-            query_emb, passage_emb, self.hparams.temperature,
-            use_in_batch_negatives=self.hparams.use_in_batch_negatives,
-            passage_ids=batch["passage_ids"], positive_ids=batch["positive_ids"],
-            remote_passage_emb=remote_emb, remote_passage_ids=remote_ids,
-            hard_negative_mask=self._teacher_mask(batch),
-        )
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        if self._trainer is not None and self.trainer.optimizers:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
-        return loss
+        remote_emb, remote_ids = self._remote_passages(passage_emb, batch["passage_ids"], batch)
+        out = self._objective(query_emb, passage_emb, batch, remote_emb, remote_ids)
+        self._log_step(out, batch)
+        return out.loss
 
     def _cached_training_step(self, batch: dict[str, Any]) -> Tensor:
         """GradCache: graph-free embeddings in mini-batches, the full-batch loss and its gradient w.r.t. them; the
@@ -148,7 +178,9 @@ class BiEncoderModule(pl.LightningModule):
         query_emb = queries.embeddings.detach().float().requires_grad_()
         passage_emb = passages.embeddings.detach().float().requires_grad_()
         leaves = [query_emb, passage_emb]
-        gathered = self._gather_passages(passage_emb.detach(), batch["passage_ids"], sync_grads=False)
+        gathered = None
+        if self._wants_remote(batch):
+            gathered = self._gather_passages(passage_emb.detach(), batch["passage_ids"], sync_grads=False)
         remote_emb = remote_ids = None
         if gathered is not None:
             all_emb, all_ids, counts = gathered
@@ -156,26 +188,79 @@ class BiEncoderModule(pl.LightningModule):
             leaves.append(all_emb)
             remote_emb, remote_ids = _others(all_emb, all_ids, counts, self.global_rank)
         with torch.enable_grad():
-            loss = info_nce(
-                query_emb, passage_emb.reshape(batch_size, group, -1), self.hparams.temperature,
-                use_in_batch_negatives=self.hparams.use_in_batch_negatives,
-                passage_ids=batch["passage_ids"], positive_ids=batch["positive_ids"],
-                remote_passage_emb=remote_emb, remote_passage_ids=remote_ids,
-                hard_negative_mask=self._teacher_mask(batch),
-            )
-            grads = list(torch.autograd.grad(loss, leaves, allow_unused=True))
+            out = self._objective(query_emb, passage_emb.reshape(batch_size, group, -1), batch, remote_emb,
+                                  remote_ids)
+            grads = list(torch.autograd.grad(out.loss, leaves, allow_unused=True))
         grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads, strict=True)]
         if gathered is not None:
             # other ranks' losses scored this rank's passages too: sum every rank's gradient w.r.t. the gathered
             # passages and keep this rank's row (what all_gather(sync_grads=True)'s reduce-scatter does)
             total = self.trainer.strategy.reduce(grads[2].contiguous(), reduce_op="sum")
             grads[1] = grads[1] + total[self.global_rank, : passage_emb.shape[0]]
-        leaf = loss.detach().clone().requires_grad_()
+        leaf = out.loss.detach().clone().requires_grad_()
         self._pending = PendingBackward(leaf, [(queries, grads[0]), (passages, grads[1])])
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
-        if self._trainer is not None and self.trainer.optimizers:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
+        self._log_step(out, batch)
         return leaf
+
+    def _in_batch(self, batch: dict[str, Any]) -> bool:
+        """The batch's dataset setting (C1 ``use_in_batch_negatives``), else the module's."""
+        flag = batch.get("use_in_batch_negatives")
+        return bool(self.hparams.use_in_batch_negatives if flag is None else flag)
+
+    def _wants_remote(self, batch: dict[str, Any]) -> bool:
+        """Other ranks' passages are scored only by InfoNCE with in-batch negatives (every rank trains on the same
+        dataset at the same step, so all ranks agree and the collectives stay matched)."""
+        return self._in_batch(batch) and self.objective.uses_infonce
+
+    def _objective(self, query_emb: Tensor, passage_emb: Tensor, batch: dict[str, Any], remote_emb: Tensor | None,
+                   remote_ids: Tensor | None) -> ObjectiveOutput:
+        extra = int(batch.get("num_extra_positives", 0) or 0)
+        out = self.objective(
+            query_emb, passage_emb, use_in_batch_negatives=self._in_batch(batch),
+            passage_ids=batch["passage_ids"], positive_ids=batch["positive_ids"],
+            remote_passage_emb=remote_emb, remote_passage_ids=remote_ids,
+            hard_negative_mask=self._teacher_mask(batch), num_extra_positives=extra,
+            teacher_scores=self._teacher_scores(batch, extra),
+        )
+        if self.objective.loss == "kd" and out.kd_queries == 0:
+            raise ConfigError("model.loss", f"'kd' alone needs teacher scores, but no query of this batch (dataset "
+                                            f"{batch.get('dataset', 'default')!r}) has a positive and a negative "
+                                            "score; mine with a scoring teacher or use 'infonce+kd'")
+        return out
+
+    def _teacher_scores(self, batch: dict[str, Any], extra: int) -> Tensor | None:
+        if not self.objective.uses_kd:
+            return None
+        if "positive_scores" not in batch or "negative_scores" not in batch:
+            raise ConfigError("model.loss", f"{self.objective.loss!r} needs the batch's teacher scores "
+                                            "(positive_scores / negative_scores); use MinedDataModule")
+        return teacher_group_scores(batch["positive_scores"], batch["negative_scores"], extra,
+                                    batch.get("extra_positive_scores"))
+
+    def _log_step(self, out: ObjectiveOutput, batch: dict[str, Any]) -> None:
+        """Loss (total, per dataset, per term) and the step's in-batch accuracy / margin: all from the loss's own
+        scores. Nothing to log to outside a Trainer (a bare ``training_step`` call)."""
+        if self._trainer is None:
+            return
+        size = int(batch["passage_ids"].shape[0])
+        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=size)
+        if batch.get("dataset") is not None:
+            self.log(f"train/loss/{batch['dataset']}", out.loss.detach(), batch_size=size)
+        if out.infonce is not None and out.kd is not None:
+            self.log("train/infonce", out.infonce.detach(), batch_size=size)
+            self.log("train/kd", out.kd.detach(), batch_size=size)
+        self.log("train/accuracy", out.accuracy, batch_size=size)
+        if torch.isfinite(out.margin):
+            self.log("train/margin", out.margin, batch_size=size)
+        if self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``train/grad_norm``: total L2 norm of the trainable gradients as the optimizer will see them (after
+        accumulation, AMP unscaling and the DDP all-reduce; before ``gradient_clip_val`` clipping)."""
+        norm = grad_total_norm(p for p in self.parameters() if p.requires_grad)
+        if norm is not None:
+            self.log("train/grad_norm", norm)
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         """Cached InfoNCE: re-encode each mini-batch with a graph and back-propagate its cached embedding gradient,
@@ -203,13 +288,16 @@ class BiEncoderModule(pl.LightningModule):
         """``nvr test``: the same BEIR evaluation as validation (metrics logged under ``test/``)."""
         return self.validation_step(batch, batch_idx, dataloader_idx)
 
-    def _remote_passages(self, passage_emb: Tensor, passage_ids: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def _remote_passages(self, passage_emb: Tensor, passage_ids: Tensor,
+                         batch: dict[str, Any]) -> tuple[Tensor | None, Tensor | None]:
         """Other ranks' passages (with gradients) when cross-device negatives are on.
 
         ``all_gather`` needs equal shapes on every rank (gloo aborts, NCCL can hang or return garbage otherwise).
         MinedDataModule's batches all have the same shape, but a user dataloader may give one rank a shorter
         last batch, so the passage counts are gathered first and every rank pads to the largest and trims.
         """
+        if not self._wants_remote(batch):
+            return None, None
         gathered = self._gather_passages(passage_emb, passage_ids, sync_grads=True)
         if gathered is None:
             return None, None
@@ -218,20 +306,14 @@ class BiEncoderModule(pl.LightningModule):
     def _gather_passages(self, passage_emb: Tensor, passage_ids: Tensor,
                          sync_grads: bool) -> tuple[Tensor, Tensor, list[int]] | None:
         """Every rank's passages ``[W, max count, H]``, their ids and counts; None without cross-device negatives."""
-        if not (self.hparams.gather_across_devices and self.hparams.use_in_batch_negatives):
+        if not self.hparams.gather_across_devices:  # callers check the batch's in-batch setting (_wants_remote)
             return None
         world = self.trainer.world_size if self._trainer is not None else 1
         if world <= 1:
             return None
         flat_emb = passage_emb.reshape(-1, passage_emb.shape[-1])
-        flat_ids = passage_ids.reshape(-1)
-        counts = self.all_gather(torch.tensor(flat_ids.numel(), device=flat_ids.device)).reshape(-1).tolist()
-        padding = max(counts) - flat_ids.numel()
-        if padding:
-            flat_emb = torch.cat([flat_emb, flat_emb.new_zeros(padding, flat_emb.shape[1])])
-            flat_ids = torch.cat([flat_ids, flat_ids.new_full((padding,), PAD_ID)])
-        all_emb = self.all_gather(flat_emb, sync_grads=sync_grads)  # [W, max count, H]
-        all_ids = self.all_gather(flat_ids)
+        all_emb, all_ids, counts = gather_padded(flat_emb, passage_ids.reshape(-1), self.all_gather,
+                                                 sync_grads=sync_grads, pad_id=PAD_ID)
         return all_emb, all_ids, counts
 
     def _teacher_mask(self, batch: dict[str, Any]) -> Tensor | None:
@@ -315,6 +397,8 @@ class BiEncoderModule(pl.LightningModule):
         mined = getattr(data, "mined_path", None) if data is not None else None
         if mined is not None:
             record["mined_dir"] = str(Path(mined).resolve())
+        if self.hparams.get("matryoshka_dims"):
+            record["matryoshka_dims"] = [int(d) for d in self.hparams.matryoshka_dims]
         if self._trainer is not None:
             record["metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items()
                                  if k.startswith(("val/", "test/")) and getattr(v, "numel", lambda: 1)() == 1}
@@ -387,6 +471,60 @@ def _validate(temperature: float, perc: float | None, lr: float, weight_decay: f
         raise ConfigError("model.warmup_steps", f"must be >= 0, got {warmup}")
     if scheduler not in ("linear", "cosine", "constant"):
         raise ConfigError("model.scheduler", f"must be linear|cosine|constant, got {scheduler!r}")
+
+
+def validate_objective(values: dict[str, Any]) -> None:
+    """Ranges of the loss settings (finiteness of the scalar floats is checked by :func:`check_finite_hparams`);
+    a KD setting without a KD loss, or Matryoshka weights without dims, would be silently ignored: refused."""
+    loss = values.get("loss", "infonce")
+    if loss not in LOSS_KINDS:
+        raise ConfigError("model.loss", f"must be one of {'|'.join(LOSS_KINDS)}, got {loss!r}")
+    if values.get("multi_positive", "each") not in MULTI_POSITIVE_MODES:
+        raise ConfigError("model.multi_positive", f"must be each|logsumexp, got {values.get('multi_positive')!r}")
+    if not values.get("kd_weight", 1.0) > 0:
+        raise ConfigError("model.kd_weight", f"must be > 0, got {values.get('kd_weight')}")
+    for key in ("kd_temperature", "kd_teacher_temperature"):
+        value = values.get(key)
+        if value is not None and not value > 0:
+            raise ConfigError(f"model.{key}", f"must be > 0 or null, got {value}")
+    if loss == "infonce":
+        for key, default in (("kd_weight", 1.0), ("kd_temperature", None), ("kd_teacher_temperature", None)):
+            if values.get(key, default) != default:
+                raise ConfigError(f"model.{key}", "only used with model.loss kd or infonce+kd (model.loss is infonce)")
+    margin = values.get("self_mask_margin")
+    if margin is not None and not margin >= 0:
+        raise ConfigError("model.self_mask_margin", f"must be >= 0 or null, got {margin}")
+    dims, weights = values.get("matryoshka_dims"), values.get("matryoshka_weights")
+    if dims is not None:
+        if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+            raise ConfigError("model.matryoshka_dims", f"must be a non-empty list of positive ints, got {dims}")
+        if len(set(dims)) != len(dims):
+            raise ConfigError("model.matryoshka_dims", f"has a repeated dim: {dims}")
+    if weights is not None:
+        if dims is None:
+            raise ConfigError("model.matryoshka_weights", "given without model.matryoshka_dims")
+        if len(weights) != len(dims):
+            raise ConfigError("model.matryoshka_weights", f"needs one weight per dim ({len(dims)}), got {len(weights)}")
+        bad = [w for w in weights if not (isinstance(w, int | float) and math.isfinite(w) and w > 0)]
+        if bad:
+            raise ConfigError("model.matryoshka_weights", f"weights must be finite and > 0, got {bad[0]}")
+
+
+def check_matryoshka_dims(dims: list[int] | None, embedding_size: int) -> None:
+    too_big = [d for d in dims or [] if d > embedding_size]
+    if too_big:
+        raise ConfigError("model.matryoshka_dims", f"{too_big[0]} exceeds the embedding size {embedding_size}")
+
+
+def grad_total_norm(params) -> Tensor | None:
+    """Total L2 norm of the parameters' gradients (None without any); sharded (DTensor) gradients are reduced
+    over their shards, so every rank logs the same full norm."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return None
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    full = getattr(norm, "full_tensor", None)
+    return (full() if callable(full) else norm).float()
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):

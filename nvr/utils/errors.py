@@ -118,3 +118,16 @@ def config_key_scope(prefix: str, replacement: str) -> Iterator[None]:
             new_key = replacement + err.key[len(prefix):]
             raise ConfigError(new_key, err.message) from err
         raise
+
+
+def nvr_error_in(err: BaseException) -> NvrError | None:
+    """The first nvr error in ``err``'s cause/context chain (jsonargparse re-raises while handling it, wrapping a
+    config dataclass's own ``ConfigError`` in its Union / parse errors)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, NvrError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

@@ -83,3 +83,9 @@ def exclusive_lock(path: str | Path, *, wait: bool = False, what: str = "") -> I
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def entry_lock_path(entry: Path) -> Path:
+    """What to lock for the cache entry ``<cache>/<kind>/<key>``: ``<cache>/.locks/<kind>/<key>`` (its lock file then
+    lives there, keeping the entry folders free of lock files)."""
+    return entry.parent.parent / ".locks" / entry.parent.name / entry.name

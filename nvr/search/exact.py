@@ -6,21 +6,34 @@ A coarse pass (faiss brute force on GPU or CPU, or a numpy matmul when faiss is 
 size or backend) and sorts by score desc, then doc order asc. A row is accepted only when its k-th exact score
 provably beats every unretrieved document (coarse error bound); otherwise it is searched again with a wider slack,
 so a tie group crossing the k boundary is always resolved the same way.
+
+The corpus may be float32, float16 or a bfloat16 row source (``nvr.teachers.cache.Bfloat16Rows``), in RAM or a
+read-only memmap: every block is converted to float32 as it is scanned (the refine gathers convert fp16/bf16 to
+fp64 exactly), so a half-precision memmap is never copied whole. The coarse pass runs doc block outer, query block
+inner: a backend with ``prepare(block)`` (e.g. :class:`TorchKnn` on CUDA) uploads each doc block once and streams
+every query block through it, so the corpus crosses to the device once. ``memory_mb`` counts that resident doc
+block as well as the score block. There is no cap on ``k``: blocks are searched with matmul + top-k where faiss-gpu
+would refuse ``k > 2048``.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-CoarseFn = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+CoarseFn = Callable[[np.ndarray, Any, int], tuple[np.ndarray, np.ndarray]]
+"""``knn(query_block[q, H] float32, doc_block, k) -> (scores[q, k], local idx[q, k])``; ``doc_block`` is the float32
+block, or what the backend's optional ``prepare(block)`` returned for it (a device-resident copy)."""
 
-_FAISS_GPU_MAX_K = 2048  # faiss GPU brute force refuses larger k
 _F32_UNIT_ROUNDOFF = 2.0**-24
 _REFINE_BLOCK_BYTES = 32 * 2**20  # gathers are memory-bound: small blocks reuse warm pages, big ones fault
 _PAIR_BLOCK = 8192  # explicit pairs scored per step of score_pairs
 _MIN_QUERY_BLOCK = 64  # below this many queries per block the corpus itself is split into blocks
+_PREAD_MIN_ROWS = 4096  # memmaps with fewer rows are gathered by indexing (their pages are few anyway)
 
 
 def exact_topk(
@@ -30,8 +43,13 @@ def exact_topk(
     memory_mb: float = 1024,
     doc_order: np.ndarray | None = None,
     use_gpu: bool | None = None,
+    backend: CoarseFn | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` documents per query by inner product, ties broken by ``doc_order`` (rank of each doc's id).
+
+    ``docs``: float32 / float16 array or memmap, or a bfloat16 row source (see the module docstring).
+    ``backend``: the coarse backend (default: chosen from ``use_gpu``); a :class:`TorchKnn` with ``reuse=True``
+    passed to several calls over the same ``docs`` keeps its resident doc block between them.
 
     Returns ``(scores[Q, k] float32, idx[Q, k] int64)``; rows are padded with ``nan`` / ``-1`` when ``D < k``.
     ``memory_mb`` bounds the working memory of every block (the score matrix and every temporary derived from it,
@@ -48,12 +66,10 @@ def exact_topk(
     budget = int(memory_mb * 2**20)
     _checked_max_norm(queries, "queries", budget)
     doc_norm_max = _checked_max_norm(docs, "docs", budget)
-    coarse = _coarse_backend(use_gpu)
+    coarse = backend if backend is not None else _coarse_backend(use_gpu)
     pending = np.arange(n_queries)
     fetch = min(n_docs, k_eff + max(16, k_eff // 4))
     while pending.size:
-        if fetch > _FAISS_GPU_MAX_K and getattr(coarse, "gpu", False):
-            coarse = _coarse_backend(False)
         block = queries if pending.size == n_queries else queries[pending]  # no copy of all queries on pass 1
         if fetch >= n_docs:  # every document is a candidate (D <= k + slack): no coarse pass, no candidate buffer
             cand = (np.zeros((block.shape[0], 0), np.float32),
@@ -88,7 +104,7 @@ def score_pairs(queries: np.ndarray, docs: np.ndarray, q_idx: np.ndarray, d_idx:
     flat = np.empty(q_sel.shape, dtype=np.float32)
     for a in range(0, len(q_sel), _PAIR_BLOCK):
         b = slice(a, a + _PAIR_BLOCK)
-        flat[b] = _exact_dot(queries[q_sel[b]], docs[d_sel[b]])
+        flat[b] = _exact_dot(queries[q_sel[b]], gather_rows(docs, d_sel[b]))
     out[valid] = flat
     return out
 
@@ -130,10 +146,38 @@ def _check_inputs(queries: np.ndarray, docs: np.ndarray, k: int, memory_mb: floa
     if memory_mb <= 0:
         raise ValueError(f"memory_mb must be > 0, got {memory_mb}")
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    docs = np.ascontiguousarray(docs, dtype=np.float32)
+    docs = as_row_source(docs)
     if queries.ndim != 2 or docs.ndim != 2 or queries.shape[1] != docs.shape[1]:
         raise ValueError(f"need queries [Q, H] and docs [D, H] with one H, got {queries.shape} and {docs.shape}")
     return queries, docs
+
+
+def as_row_source(docs: Any) -> Any:
+    """``docs`` unchanged when it is a float32/float16 array (memmaps stay memmaps) or a row source with ``shape``,
+    ``ndim`` and ``__getitem__`` (bfloat16 storage); anything else as a float32 array."""
+    if isinstance(docs, np.ndarray):
+        return docs if docs.dtype in (np.float32, np.float16) else np.asarray(docs, dtype=np.float32)
+    if hasattr(docs, "shape") and hasattr(docs, "ndim") and hasattr(docs, "__getitem__"):
+        return docs
+    return np.asarray(docs, dtype=np.float32)
+
+
+def rows_f32(docs: Any, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of a row source as float32 (a view when already float32, else a block copy)."""
+    return np.ascontiguousarray(docs[start:stop], dtype=np.float32)
+
+
+def release_pages(docs: Any) -> None:
+    """Unmap the pages a memmapped corpus has faulted in (they stay in the OS page cache, re-read on access), so
+    this process's RSS stays bounded by the block being scanned rather than growing to the whole file. A no-op for
+    arrays in RAM."""
+    mm = getattr(getattr(docs, "bits", docs), "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise"):
+        return
+    try:
+        mm.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):  # closed, or a platform without it: only RSS accounting is affected
+        pass
 
 
 def _checked_max_norm(x: np.ndarray, name: str, budget: int) -> float:
@@ -145,12 +189,14 @@ def _checked_max_norm(x: np.ndarray, name: str, budget: int) -> float:
         if not np.isfinite(sq).all():
             raise ValueError(f"{name} embeddings contain nan or inf (row {a + int(np.argmin(np.isfinite(sq)))})")
         best = max(best, float(sq.max()))
+        release_pages(x)
     return float(np.sqrt(best))
 
 
 def _norm_block(x: np.ndarray, budget: int) -> int:
-    """Rows per block of the norm pass: an fp64 copy of the rows (8 B per value) plus its products fit the budget."""
-    return max(1, min(8192, budget // (16 * max(1, x.shape[1]) + 8)))
+    """Rows per block of the norm pass: the rows converted to float32 (a half-precision corpus: 4 B per value), their
+    fp64 copy (8 B) and its products (8 B) fit the budget."""
+    return max(1, min(8192, budget // (20 * max(1, x.shape[1]) + 8)))
 
 
 def _check_doc_order(doc_order: np.ndarray | None, n_docs: int) -> np.ndarray | None:
@@ -196,25 +242,76 @@ def _numpy_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.n
 _numpy_knn.cell_bytes = 12  # type: ignore[attr-defined]
 
 
+class TorchKnn:
+    """Coarse backend on a torch device: each doc block is uploaded once (:meth:`prepare`) and kept resident while
+    every query block is streamed through it (matmul + ``topk``, no ``k`` cap).
+
+    ``h2d_bytes`` counts the bytes moved host -> device (doc blocks and query blocks), so a test on CPU can check
+    that the corpus crosses once; ``transfer`` is injectable for the same reason. With ``reuse`` the last resident
+    block is kept across calls and reused when the same rows are asked for again (sharded search passes one backend
+    to every query chunk over the same shard: a shard that fits the budget crosses once for the whole search). Use
+    ``reuse`` only with one ``docs`` per backend: blocks are identified by their row range.
+    """
+
+    cell_bytes = 12  # per score cell: the fp32 score and topk's value + int64 index scratch, bounded by k <= block
+
+    def __init__(self, device: str = "cuda", transfer: Callable[[np.ndarray], Any] | None = None,
+                 reuse: bool = False) -> None:
+        import torch
+
+        self._torch = torch
+        self.device = torch.device(device)
+        self.h2d_bytes = 0
+        self.doc_bytes = 0
+        self.reuse = reuse
+        self._resident: tuple[tuple[int, int], Any] | None = None
+        self._transfer = transfer or (lambda a: torch.from_numpy(a).to(self.device, non_blocking=False))
+
+    def _upload(self, a: np.ndarray) -> Any:
+        self.h2d_bytes += a.nbytes
+        return self._transfer(np.ascontiguousarray(a, dtype=np.float32))
+
+    def prepare(self, load: Callable[[], np.ndarray], rows: tuple[int, int]) -> Any:
+        """The device copy of doc rows ``rows`` (``load()`` gives them as float32): uploaded once and reused for
+        every query block (and, with ``reuse``, by later calls asking for the same rows)."""
+        if self._resident is not None and self._resident[0] == rows:
+            return self._resident[1]
+        self._resident = None  # free the previous block before uploading the next one
+        block = load()
+        self.doc_bytes += block.nbytes
+        handle = self._upload(block)
+        if self.reuse:
+            self._resident = (rows, handle)
+        return handle
+
+    def __call__(self, xq: np.ndarray, xb: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        xb = xb if isinstance(xb, torch.Tensor) else self._upload(xb)
+        # full fp32 products: the refine's error bound assumes fp32 rounding, which TF32 (``set_float32_matmul_
+        # precision("high")``, common in training scripts) would break
+        saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            sims = self._upload(xq) @ xb.T
+        finally:
+            torch.set_float32_matmul_precision(saved)
+        top = torch.topk(sims, min(k, xb.shape[0]), dim=1, largest=True, sorted=False)
+        return top.values.cpu().numpy(), top.indices.cpu().numpy().astype(np.int64, copy=False)
+
+
 def _coarse_backend(use_gpu: bool | None) -> CoarseFn:
-    """faiss-gpu when asked (or auto and GPUs exist), else faiss-cpu, else numpy."""
+    """On CUDA (asked, or auto and a GPU is visible): :class:`TorchKnn` with resident doc blocks; else faiss-cpu
+    brute force, else numpy."""
+    if use_gpu is not False:
+        cuda = _cuda_device()
+        if cuda is not None:
+            return TorchKnn(cuda)
+        if use_gpu:
+            raise RuntimeError("use_gpu=True but torch sees no CUDA device")
     try:
         import faiss
     except ImportError:
-        if use_gpu:
-            raise RuntimeError("use_gpu=True but faiss is not installed") from None
         return _numpy_knn
-    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") and hasattr(faiss, "knn_gpu") else 0
-    if use_gpu and gpus == 0:
-        raise RuntimeError("use_gpu=True but faiss has no GPU support here (install faiss-gpu)")
-    if gpus and use_gpu is not False:
-        res = faiss.StandardGpuResources()
-
-        def gpu_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-            return faiss.knn_gpu(res, xq, xb, k, metric=faiss.METRIC_INNER_PRODUCT)
-
-        gpu_knn.gpu = True  # type: ignore[attr-defined]
-        return gpu_knn
 
     def cpu_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return faiss.knn(xq, xb, k, metric=faiss.METRIC_INNER_PRODUCT)
@@ -222,18 +319,100 @@ def _coarse_backend(use_gpu: bool | None) -> CoarseFn:
     return cpu_knn
 
 
+def _cuda_device() -> str | None:
+    """The local rank's CUDA device when torch is importable and sees one (search never needs torch otherwise)."""
+    import sys
+
+    if "torch" not in sys.modules and not os.path.exists("/dev/nvidiactl"):
+        return None  # no NVIDIA driver: do not pay torch's import on a CPU run served from the cache
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+
+
 _MERGE_BYTES_PER_FETCH = 60
 """Bytes per (query, fetched candidate) of a doc-blocked merge: two concatenated (score, id) lists (2 x 12), the
 negated scores (8), argpartition positions (16) and the merged result (12)."""
 
 
-def _block_sizes(n_queries: int, n_docs: int, fetch: int, budget: int, cell_bytes: int = 4) -> tuple[int, int]:
-    """(query block, doc block) so that one block of scores with every temporary derived from it (``cell_bytes``
-    per query x doc cell) fits in ``budget`` bytes, and so does the merge of a doc-blocked pass."""
-    if n_docs * cell_bytes * min(n_queries, _MIN_QUERY_BLOCK) <= budget:
-        return max(1, min(n_queries, budget // (n_docs * cell_bytes))), n_docs
+def _block_sizes(n_queries: int, n_docs: int, fetch: int, budget: int, cell_bytes: int = 4,
+                 doc_row_bytes: int = 0) -> tuple[int, int]:
+    """(query block, doc block) so that the resident doc block (``doc_row_bytes`` per row: its float32 copy) plus
+    one block of scores with every temporary derived from it (``cell_bytes`` per query x doc cell) fit in
+    ``budget`` bytes, and so does the merge of a doc-blocked pass."""
+    whole = n_docs * doc_row_bytes
+    if whole + n_docs * cell_bytes * min(n_queries, _MIN_QUERY_BLOCK) <= budget:
+        return max(1, min(n_queries, (budget - whole) // (n_docs * cell_bytes))), n_docs
     q_block = max(1, min(n_queries, _MIN_QUERY_BLOCK, budget // (_MERGE_BYTES_PER_FETCH * fetch)))
-    return q_block, max(fetch, budget // (cell_bytes * q_block))
+    return q_block, max(fetch, budget // (cell_bytes * q_block + doc_row_bytes))
+
+
+def gather_rows(docs: Any, idx: np.ndarray) -> np.ndarray:
+    """``docs[idx]`` (any index shape). From a large memmap the rows are read with ``pread`` instead of through
+    the mapping: a random row faults in its whole page-cache folio (up to 2 MB on current kernels), so gathering
+    candidates through the mapping would grow RSS by megabytes per row; a read copies just the row."""
+    raw = getattr(docs, "bits", docs)
+    located = _file_rows(raw) if raw.shape[0] >= _PREAD_MIN_ROWS else None
+    if located is None:
+        return docs[idx]
+    path, start, row_bytes = located
+    flat = np.asarray(idx, dtype=np.int64).ravel()
+    if flat.size and (flat.min() < 0 or flat.max() >= raw.shape[0]):
+        raise IndexError(f"row index out of range for {raw.shape[0]} rows")
+    out = np.empty((flat.size, raw.shape[1]), dtype=raw.dtype)
+    buf = out.view(np.uint8).reshape(flat.size, row_bytes)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for j, r in enumerate(flat.tolist()):
+            if os.preadv(fd, [buf[j]], start + r * row_bytes) != row_bytes:
+                raise OSError(f"{path}: short read at row {r}")
+    finally:
+        os.close(fd)
+    out = out.reshape(*np.shape(idx), raw.shape[1])
+    return _bf16_bits_to_f32(out) if raw is not docs else out
+
+
+def _bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    """float32 values of raw bfloat16 bits (as ``nvr.teachers.cache.bfloat16_to_float32``; search stays free of
+    teacher imports)."""
+    out = bits.astype(np.uint32)
+    out <<= 16
+    return out.view(np.float32)
+
+
+def _file_rows(raw: Any) -> tuple[str, int, int] | None:
+    """(file, byte offset of row 0, bytes per row) of a C-contiguous memmap (or a row slice of one), else None."""
+    mm = getattr(raw, "_mmap", None)
+    name = getattr(raw, "filename", None)
+    if mm is None or name is None or raw.ndim != 2 or not raw.flags.c_contiguous:
+        return None
+    try:
+        base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+    except (ValueError, TypeError):
+        return None
+    map_start = raw.offset - raw.offset % mmap.ALLOCATIONGRANULARITY
+    return name, map_start + raw.ctypes.data - base, raw.strides[0]
+
+
+def _is_mapped(docs: Any) -> bool:
+    raw = getattr(docs, "bits", docs)
+    return isinstance(raw, np.memmap) or getattr(raw, "_mmap", None) is not None
+
+
+def _resident_row_bytes(docs: Any, device_copy: bool) -> int:
+    """Bytes per doc row held while its block is scanned, on top of what the caller already holds: the float32
+    copy of a half-precision block (or the device copy), plus the memmap pages the block faults in. A float32
+    array in RAM is scanned through views: 0."""
+    raw = getattr(docs, "bits", docs)
+    itemsize = raw.dtype.itemsize if hasattr(raw, "dtype") else 4
+    mapped = _is_mapped(docs)
+    converted = not (isinstance(docs, np.ndarray) and docs.dtype == np.float32)
+    dim = docs.shape[1]
+    return 4 * dim * (converted or device_copy) + itemsize * dim * mapped
 
 
 def _coarse_topk(
@@ -241,12 +420,17 @@ def _coarse_topk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Approximate-order top-``fetch`` (scores, idx) per query, merged over doc blocks."""
     n_queries, n_docs = queries.shape[0], docs.shape[0]
-    q_block, d_block = _block_sizes(n_queries, n_docs, fetch, budget, getattr(knn, "cell_bytes", 4))
+    row_bytes = _resident_row_bytes(docs, hasattr(knn, "prepare"))
+    q_block, d_block = _block_sizes(n_queries, n_docs, fetch, budget, getattr(knn, "cell_bytes", 4), row_bytes)
+    prepare = getattr(knn, "prepare", None)
     best_s = np.full((n_queries, fetch), -np.inf, dtype=np.float32)
     best_i = np.full((n_queries, fetch), -1, dtype=np.int64)
     for d0 in range(0, n_docs, d_block):
-        block_docs = docs[d0 : d0 + d_block]
-        kb = min(fetch, block_docs.shape[0])
+        kb = min(fetch, n_docs - d0)
+        if prepare is not None:  # e.g. upload to the GPU once; every query block below reuses it
+            block_docs = prepare(lambda a=d0: rows_f32(docs, a, a + d_block), (d0, min(n_docs, d0 + d_block)))
+        else:
+            block_docs = rows_f32(docs, d0, d0 + d_block)
         for q0 in range(0, n_queries, q_block):
             s, i = knn(queries[q0 : q0 + q_block], block_docs, kb)
             rows = slice(q0, q0 + q_block)
@@ -254,6 +438,8 @@ def _coarse_topk(
                 best_s[rows, :kb], best_i[rows, :kb] = s, i
             else:
                 best_s[rows], best_i[rows] = _merge(best_s[rows], best_i[rows], s, i + d0, fetch)
+        del block_docs
+        release_pages(docs)
     return best_s, best_i
 
 
@@ -288,7 +474,7 @@ def _refine(
         out = (np.empty((n_queries, k), dtype=np.float32), np.empty((n_queries, k), dtype=np.int64))
     out_s, out_i = out
     gather_budget = min(budget, _REFINE_BLOCK_BYTES)
-    gather_bytes = dim * 12 + 8  # per candidate: the fp32 gather, its fp64 copy and the fp64 product
+    gather_bytes = dim * 14 + 8  # per candidate: the gather (bf16: + its float32 widening), fp64 copy and product
     q_block = max(1, min(n_queries, gather_budget // (fetch * (gather_bytes + 24))))
     # when even one query's candidates do not fit, its gather is cut into column blocks (k larger than a block)
     c_block = max(1, min(fetch, gather_budget // (q_block * gather_bytes)))
@@ -299,10 +485,11 @@ def _refine(
         exact = np.empty(ci.shape, dtype=np.float32)
         for c0 in range(0, fetch, c_block):
             cols = slice(c0, c0 + c_block)
-            exact[:, cols] = np.einsum("qh,qkh->qk", q64, docs[ci[:, cols]].astype(np.float64))
+            exact[:, cols] = np.einsum("qh,qkh->qk", q64, gather_rows(docs, ci[:, cols]).astype(np.float64))
         perm = np.lexsort((ci if order is None else order[ci], -exact), axis=1)[:, :k]
         out_s[rows] = np.take_along_axis(exact, perm, axis=1)
         out_i[rows] = np.take_along_axis(ci, perm, axis=1)
+        release_pages(docs)
     if fetch >= n_docs:
         return out_s, out_i, np.ones(n_queries, dtype=bool)
     q_norm = np.sqrt(_row_sq_norms(queries, _norm_block(queries, budget)))

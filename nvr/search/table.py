@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import numpy as np
 
 from nvr.utils.atomic import atomic_dir, write_text_atomic
 from nvr.utils.checksum import verify_folder, write_folder_checksums
+from nvr.utils.distributed import dist_rank_world
+from nvr.utils.locking import entry_lock_path, exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +140,32 @@ def load_cached_table(path: str | Path, warn: bool = True) -> CandidateTable | N
         if warn:
             log.warning("cached candidate table %s; recomputing it", err)
         return None
+
+
+def cached_or_built(path: Path, compute: Callable[[], CandidateTable], what: str) -> CandidateTable:
+    """The verified table cached at ``path``, else ``compute()`` saved there (with its checksums).
+
+    The writer (rank 0) holds the entry's exclusive lock while computing, waiting for it when another process
+    holds it, then re-checks the cache: two processes never write one entry and the second reuses the first's
+    result. Other torchrun ranks compute without the lock (they help encode but never write the table).
+    """
+    cached = _load_cached(path, what)
+    if cached is not None:
+        return cached
+    if dist_rank_world()[0] != 0:
+        return compute()
+    with exclusive_lock(entry_lock_path(path), wait=True, what="candidate table cache entry"):
+        cached = _load_cached(path, what, warn=False)  # another process may have built it while we waited
+        if cached is not None:
+            return cached
+        table = compute()
+        table.save(path, overwrite=True)
+    return table
+
+
+def _load_cached(path: Path, what: str, warn: bool = True) -> CandidateTable | None:
+    """The verified cached table, or None (a corrupted one is reported with a warning naming the file)."""
+    table = load_cached_table(path, warn=warn)
+    if table is not None:
+        log.info("%s: candidate table loaded from cache %s", what, path)
+    return table

@@ -1,0 +1,130 @@
+"""``nvr eval --model run.ckpt``: a training checkpoint is evaluated without an export step, with the embeddings of
+the folder ``nvr export`` writes (full fine-tunes, LoRA trainable-only checkpoints, nvr-only exports)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from _cli import cli_error
+from _training_data import write_fake_mined
+
+from nvr.cli.main import main as nvr_main
+from nvr.modeling import encode as encode_module
+from nvr.modeling.export import PARTIAL_KEY
+
+INSTRUCTION, PASSAGE_PREFIX = "retrieve passage", "passage : "
+
+EMBEDDERS = {
+    "full": {"pooling": "mean"},
+    "unmasked": {"pooling": "mean"},  # trained with mask_instruction false: the query prompt is pooled
+    "lora": {"pooling": "mean", "lora": {"r": 4, "alpha": 8}},
+    "latent": {"pooling": "latent_attention", "latent": {"num_latents": 8, "num_heads": 2}},  # no ST export
+}
+
+
+def fit(tmp_path: Path, model_dir: Path, beir_dir: Path, embedder: dict, mask: bool = True) -> Path:
+    mined = write_fake_mined(beir_dir, tmp_path / "mined", num_negatives=1)
+    cfg = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "logger": False,
+                    "enable_progress_bar": False, "enable_model_summary": False, "val_check_interval": 2,
+                    "check_val_every_n_epoch": None, "num_sanity_val_steps": 0,
+                    "default_root_dir": str(tmp_path / "run")},
+        "model": {"embedder": {"model_name_or_path": str(model_dir), **embedder}, "lr": 5e-2, "warmup_steps": 0},
+        "data": {"mined_dir": str(mined), "num_negatives": 1, "batch_size": 2, "query_max_length": 12,
+                 "passage_max_length": 24, "query_instruction": INSTRUCTION, "mask_instruction": mask,
+                 "passage_prefix": PASSAGE_PREFIX,
+                 "eval_sets": [{"name": "tiny", "path": str(beir_dir), "split": "test",
+                                "query_instruction": INSTRUCTION, "passage_prefix": PASSAGE_PREFIX}]},
+    }
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    with pytest.raises(SystemExit) as exc:
+        nvr_main(["fit", "--config", str(path)])
+    assert exc.value.code == 0
+    return tmp_path / "run" / "checkpoints" / "last.ckpt"
+
+
+def run_eval(argv: list[str], monkeypatch) -> tuple[dict, list[np.ndarray]]:
+    """The result JSON and every embedding matrix the evaluation computed (queries, corpus)."""
+    seen: list[np.ndarray] = []
+    original = encode_module.encode_texts
+
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(np.array(out))
+        return out
+
+    monkeypatch.setattr(encode_module, "encode_texts", recording)
+    with pytest.raises(SystemExit) as exc:
+        nvr_main(["eval", *argv, "--cache_dir", "", "--dtype", "float32", "--device", "cpu"])
+    assert exc.value.code == 0
+    monkeypatch.setattr(encode_module, "encode_texts", original)
+    output = argv[argv.index("--output") + 1]
+    return json.loads(Path(output).read_text()), seen
+
+
+@pytest.mark.parametrize("kind", sorted(EMBEDDERS))
+def test_eval_checkpoint_equals_the_exported_folder(kind, tmp_path, tiny_bert_dir, tiny_beir_dir, monkeypatch):
+    mask = kind != "unmasked"
+    ckpt = fit(tmp_path, tiny_bert_dir, tiny_beir_dir, EMBEDDERS[kind], mask)
+    if kind == "lora":
+        assert torch.load(ckpt, map_location="cpu", weights_only=False)[PARTIAL_KEY]  # base weights not in the file
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    ours, ours_emb = run_eval(["--model", str(ckpt), "--beir", str(tiny_beir_dir), "--output",
+                               str(tmp_path / "ckpt.json")], monkeypatch)
+    assert not list(scratch.iterdir()), "the temporary export is removed after the run"
+    assert ours["model"] == str(ckpt)
+    assert ours["settings"]["checkpoint_export"] == {"sentence_transformers": kind != "latent"}
+    # unset options took training's encoding: prompts and query masking as in the fit config
+    assert ours["settings"]["query_prefix"] == f"{INSTRUCTION}: "
+    assert ours["settings"]["passage_prefix"] == PASSAGE_PREFIX and ours["settings"]["mask_instruction"] is mask
+
+    export = tmp_path / "exported"
+    with pytest.raises(SystemExit) as exc:
+        nvr_main(["export", "--checkpoint", str(ckpt), "--output", str(export), "--sentence_transformers",
+                  str(kind != "latent").lower()])
+    assert exc.value.code == 0
+    # the exported folder, with training's settings spelled out (the nvr-only folder carries no ST prompts)
+    explicit = ["--query_max_length", "12", "--mask_instruction", str(mask).lower()]
+    if kind == "latent":
+        explicit += ["--query_instruction", INSTRUCTION, "--passage_prefix", PASSAGE_PREFIX]
+    theirs, theirs_emb = run_eval(["--model", str(export), "--beir", str(tiny_beir_dir), "--output",
+                                   str(tmp_path / "folder.json"), *explicit], monkeypatch)
+    assert len(ours_emb) == len(theirs_emb) == 2
+    for a, b in zip(ours_emb, theirs_emb):
+        np.testing.assert_array_equal(a, b)
+    assert ours["datasets"] == theirs["datasets"]
+
+    base, base_emb = run_eval(["--model", str(tiny_bert_dir), "--beir", str(tiny_beir_dir), "--output",
+                               str(tmp_path / "base.json"), "--query_instruction", INSTRUCTION, "--passage_prefix",
+                               PASSAGE_PREFIX, "--query_max_length", "12", "--max_length", "24"], monkeypatch)
+    assert not np.allclose(base_emb[1], ours_emb[1], atol=1e-4), "the trained weights were evaluated"
+
+
+def test_eval_checkpoint_errors_are_one_line(tmp_path, tiny_beir_dir, capsys):
+    line = cli_error(["eval", "--model", str(tmp_path / "missing.ckpt"), "--beir", str(tiny_beir_dir),
+                      "--output", str(tmp_path / "m.json")], capsys)
+    assert "no such checkpoint file" in line and "missing.ckpt" in line
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    line = cli_error(["eval", "--model", str(junk), "--beir", str(tiny_beir_dir), "--output",
+                      str(tmp_path / "m.json")], capsys)
+    assert "junk.ckpt" in line and "checkpoint" in line
+    bare = tmp_path / "bare.pt"
+    torch.save({"weight": torch.zeros(2)}, bare)
+    line = cli_error(["eval", "--model", str(bare), "--beir", str(tiny_beir_dir), "--output",
+                      str(tmp_path / "m.json")], capsys)
+    assert "not an nvr training checkpoint" in line
+    taken = tmp_path / "taken.json"
+    taken.write_text("{}")
+    line = cli_error(["eval", "--model", str(junk), "--beir", str(tiny_beir_dir), "--output", str(taken)], capsys)
+    assert "taken.json" in line and "overwrite" in line  # checked before any export work
