@@ -123,7 +123,9 @@ def test_resume_from_chunks_with_another_world_size(tmp_path: Path) -> None:
     with pytest.raises(Crash):
         group.run(lambda r, g: sharded_topk(queries, docs, 12, doc_order=order, work_dir=work, chunk_queries=6,
                                             all_gather=g, rank_world=(r, 2), on_chunk=crash_after_two))
-    assert sorted(p.name for p in work.glob("chunk-*.npy")) == [f"chunk-{c:06d}.npy" for c in range(3)]
+    # rank 0 writes each chunk before its callback; the other rank may raise first, so chunk 2 may or may not exist
+    written = sorted(int(p.name[6:12]) for p in work.glob("chunk-*.npy"))
+    assert written in ([0, 1], [0, 1, 2])
     (work / "chunk-000001.npy").write_bytes(b"garbage")  # a corrupted chunk is recomputed, not trusted
     events: list[list] = [[] for _ in range(3)]
     out = ThreadGroup(3).run(lambda r, g: sharded_topk(
@@ -131,7 +133,7 @@ def test_resume_from_chunks_with_another_world_size(tmp_path: Path) -> None:
         on_chunk=lambda c, reused: events[r].append((c, reused))))
     n_chunks = -(-40 // 6)  # the recorded layout (6 queries per chunk) wins over the new chunk_queries
     for r in range(3):
-        assert events[r] == [(c, c in (0, 2)) for c in range(n_chunks)]
+        assert events[r] == [(c, c in set(written) - {1}) for c in range(n_chunks)]
         assert out[r][0].tobytes() == ref[0].tobytes() and out[r][1].tobytes() == ref[1].tobytes()
 
 
