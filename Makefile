@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-EXTRAS ?= cpu,dev,bench
+EXTRAS ?= cpu,dev,bench,tensorboard
 STAMP := $(VENV)/.nvr-installed
 
 .PHONY: venv quickstart test lint bench clean
