@@ -1,4 +1,4 @@
-# Two commands for a fresh machine:  `make quickstart` (mine -> fine-tune -> validate) and `make test`.
+# Two commands for a fresh machine:  `make quickstart` (base eval -> mine -> fine-tune -> export + eval) and `make test`.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
