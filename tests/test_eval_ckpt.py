@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from _cli import cli_error
-from _training_data import write_fake_mined
+from _training_data import fit_tiny
 
 from nvr.cli.main import main as nvr_main
 from nvr.modeling import encode as encode_module
@@ -29,25 +28,9 @@ EMBEDDERS = {
 
 
 def fit(tmp_path: Path, model_dir: Path, beir_dir: Path, embedder: dict, mask: bool = True) -> Path:
-    mined = write_fake_mined(beir_dir, tmp_path / "mined", num_negatives=1)
-    cfg = {
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "logger": False,
-                    "enable_progress_bar": False, "enable_model_summary": False, "val_check_interval": 2,
-                    "check_val_every_n_epoch": None, "num_sanity_val_steps": 0,
-                    "default_root_dir": str(tmp_path / "run")},
-        "model": {"embedder": {"model_name_or_path": str(model_dir), **embedder}, "lr": 5e-2, "warmup_steps": 0},
-        "data": {"mined_dir": str(mined), "num_negatives": 1, "batch_size": 2, "query_max_length": 12,
-                 "passage_max_length": 24, "query_instruction": INSTRUCTION, "mask_instruction": mask,
-                 "passage_prefix": PASSAGE_PREFIX,
-                 "eval_sets": [{"name": "tiny", "path": str(beir_dir), "split": "test",
-                                "query_instruction": INSTRUCTION, "passage_prefix": PASSAGE_PREFIX}]},
-    }
-    path = tmp_path / "fit.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    with pytest.raises(SystemExit) as exc:
-        nvr_main(["fit", "--config", str(path)])
-    assert exc.value.code == 0
-    return tmp_path / "run" / "checkpoints" / "last.ckpt"
+    prompts = {"query_instruction": INSTRUCTION, "passage_prefix": PASSAGE_PREFIX}
+    return fit_tiny(tmp_path, beir_dir, {"model_name_or_path": str(model_dir), **embedder},
+                    data={**prompts, "mask_instruction": mask}, eval_set=prompts)
 
 
 def run_eval(argv: list[str], monkeypatch) -> tuple[dict, list[np.ndarray]]:

@@ -8,10 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from _training_data import write_fake_mined
+from _training_data import fit_tiny
 
-from nvr.cli.lightning_cli import main as lightning_main
 from nvr.cli.main import main as nvr_main
 from nvr.modeling.encode import encode_texts
 from nvr.modeling.export import PARTIAL_KEY
@@ -25,23 +23,8 @@ INSTRUCTION, PASSAGE_PREFIX = "retrieve passage", "passage : "
 
 
 def _fit(tmp_path: Path, model_dir: Path, beir_dir: Path, embedder: dict) -> Path:
-    mined = write_fake_mined(beir_dir, tmp_path / "mined", num_negatives=1)
-    cfg = {
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "logger": False,
-                    "enable_progress_bar": False, "enable_model_summary": False, "val_check_interval": 2,
-                    "check_val_every_n_epoch": None, "num_sanity_val_steps": 0,
-                    "default_root_dir": str(tmp_path / "run")},
-        "model": {"embedder": embedder, "lr": 5e-2, "warmup_steps": 0},
-        "data": {"mined_dir": str(mined), "num_negatives": 1, "batch_size": 2, "query_max_length": 12,
-                 "passage_max_length": 24, "query_instruction": INSTRUCTION, "mask_instruction": True,
-                 "passage_prefix": PASSAGE_PREFIX,
-                 "eval_sets": [{"name": "tiny", "path": str(beir_dir), "split": "test",
-                                "query_instruction": INSTRUCTION, "passage_prefix": PASSAGE_PREFIX}]},
-    }
-    path = tmp_path / "fit.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    lightning_main(["fit", "--config", str(path)])
-    return tmp_path / "run" / "checkpoints" / "last.ckpt"
+    prompts = {"query_instruction": INSTRUCTION, "passage_prefix": PASSAGE_PREFIX}
+    return fit_tiny(tmp_path, beir_dir, embedder, data={**prompts, "mask_instruction": True}, eval_set=prompts)
 
 
 def _module_embeddings(ckpt: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _training_data import write_fake_mined
+from _training_data import fit_tiny, write_fake_mined
 
 from nvr.cli.lightning_cli import main as lightning_main
 from nvr.cli.main import main as nvr_main
@@ -23,20 +23,7 @@ TEXTS = ["wing lift drag", "shock wave supersonic flow", "heat transfer boundary
 
 
 def _fit(tmp_path: Path, beir_dir: Path, embedder: dict) -> Path:
-    mined = write_fake_mined(beir_dir, tmp_path / "mined", num_negatives=1)
-    cfg = {
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "logger": False,
-                    "enable_progress_bar": False, "enable_model_summary": False, "val_check_interval": 2,
-                    "check_val_every_n_epoch": None, "num_sanity_val_steps": 0,
-                    "default_root_dir": str(tmp_path / "run")},
-        "model": {"embedder": embedder, "lr": 5e-2, "warmup_steps": 0},
-        "data": {"mined_dir": str(mined), "num_negatives": 1, "batch_size": 2, "query_max_length": 12,
-                 "passage_max_length": 24, "eval_sets": [{"name": "tiny", "path": str(beir_dir), "split": "test"}]},
-    }
-    path = tmp_path / "fit.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    lightning_main(["fit", "--config", str(path)])
-    return tmp_path / "run" / "checkpoints" / "last.ckpt"
+    return fit_tiny(tmp_path, beir_dir, embedder)
 
 
 def _export(argv: list[str]) -> None:
