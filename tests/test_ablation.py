@@ -191,6 +191,30 @@ def test_kendall_tau_and_summary_ranks(tmp_path) -> None:
     assert res.kendall_tau == pytest.approx(1.0)
 
 
+def test_report_metrics_and_fn_columns_line_up_with_the_metric(tmp_path) -> None:
+    from nvr.ablation.results import markdown_table, results_csv
+
+    spec = parse_spec(_spec(tmp_path / "b.yaml", tmp_path / "o", report_metrics=["val/ood/ndcg@10"]))
+    records = [{"variant": "naive", "seed": s, "value": v, "metrics_at_final": {"val/ood/ndcg@10": o}}
+               for s, v, o in ((0, 0.2, 0.1), (1, 0.4, 0.3))]
+    records.append({"variant": "percpos=0.95", "seed": 0, "value": 0.5, "metrics_at_final": {}})  # not logged
+    res = summarize(spec, records)
+    rows = {r.name: r for r in res.rows}
+    assert rows["naive"].extra == {"val/ood/ndcg@10": [0.1, 0.3]} and rows["percpos=0.95"].extra == {}
+    text = markdown_table(res, {"naive": {"fn_rate": 0.125, "hardness": 0.5}})
+    header = next(line for line in text.splitlines() if line.startswith("| variant"))
+    assert header.split(" | ")[5:8] == ["val/ood/ndcg@10", "FN rate", "hardness"]
+    naive = next(line for line in text.splitlines() if line.startswith("| naive |")).split(" | ")
+    assert naive[5:8] == ["0.2000 ± 0.1414", "0.1250", "0.5000"]
+    percpos = next(line for line in text.splitlines() if line.startswith("| percpos=0.95 |")).split(" | ")
+    assert percpos[5:8] == ["", "", ""]  # no logged value, no fn row
+    assert "FN rate" not in markdown_table(res)  # no fn report: no FN columns
+    table = list(csv.DictReader(results_csv(res).splitlines()))
+    assert table[0]["val/ood/ndcg@10 mean"] == "0.200000" and table[0]["val/ood/ndcg@10 std"] == "0.141421"
+    with pytest.raises(ConfigError, match="report_metrics"):
+        parse_spec(_spec(tmp_path / "b.yaml", tmp_path / "o", report_metrics=["val/ndcg@10"]))
+
+
 # ------------------------------------------------------------------------------------------- launchers
 def test_subprocess_launcher_logs_output_and_exit_code(tmp_path) -> None:
     log = tmp_path / "fit.log"

@@ -1,6 +1,7 @@
 """Cached (GradCache-style) InfoNCE: parameter gradients equal the uncached loss over the same mini-batch forwards
 (dropout on, in-batch negatives, padding slots, teacher false-negative masking), in a bare step, through Lightning
-(gradient accumulation, clipping, LR schedule, resume) and under 2-process DDP with cross-device negatives."""
+(gradient accumulation, clipping, LR schedule, resume) and under 2-process DDP and FSDP2 with cross-device
+negatives."""
 
 from __future__ import annotations
 
@@ -222,11 +223,23 @@ def test_cached_fit_resumes_from_a_checkpoint_exactly(tiny_bert_dir, mined, tmp_
         torch.testing.assert_close(second.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
 
 
-def test_cached_loss_under_fsdp2_is_refused_with_the_key(tiny_bert_dir) -> None:
+def test_cached_loss_under_ddp_find_unused_parameters_is_refused_with_the_key(tiny_bert_dir) -> None:
+    """DDP's unused-parameter search sees the step's graph-free leaf and would fail in backward ("marked ready
+    twice"); plain DDP and FSDP2 (ModelParallelStrategy) are accepted."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
     module = _module(tiny_bert_dir, mini_batch_num_tokens=64)
-    module._device_mesh = {"data_parallel": None}  # what ModelParallelStrategy sets before configure_model
-    with pytest.raises(ConfigError, match="model.mini_batch_size.*FSDP2"):
-        module.configure_model()
+    module._trainer = SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True), datamodule=None)
+    with pytest.raises(ConfigError, match="model.mini_batch_size.*find_unused_parameters"):
+        module.setup("fit")
+    for strategy in (DDPStrategy(), ModelParallelStrategy()):
+        module._trainer = SimpleNamespace(strategy=strategy, datamodule=None)
+        module.setup("fit")
+    uncached = _module(tiny_bert_dir)
+    uncached._trainer = SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True), datamodule=None)
+    uncached.setup("fit")
 
 
 # ------------------------------------------------------------------------------------------------------ DDP
@@ -270,6 +283,35 @@ def test_ddp_cached_gather_and_teacher_mask_match_the_union_batch_reference(tiny
     (sum(losses) / WORLD).backward()
     for rank in range(WORLD):
         _assert_close(_load(tmp_path, rank, "grads0"), _grads(reference))
+
+
+# ---------------------------------------------------------------------------------------------------- FSDP2
+FSDP_SCRIPT = Path(__file__).parent / "scripts" / "cached_fsdp2.py"
+
+
+@pytest.mark.slow
+def test_fsdp2_cached_gradients_and_step_equal_the_uncached_loss(tiny_bert_dir, mined, tmp_path) -> None:
+    """2 gloo processes under ModelParallelStrategy (FSDP2), cross-device negatives, teacher masking, dropout on:
+    the cached step's full (unsharded) gradients and the weights after one AdamW step equal the uncached loss's
+    over the same mini-batch forwards, by row count and by token budget."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, str(FSDP_SCRIPT), str(tiny_bert_dir), str(mined), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for case in ("rows", "tokens"):
+        for rank in range(2):
+            want = torch.load(tmp_path / f"reference_{case}_rank{rank}.pt")
+            got = torch.load(tmp_path / f"cached_{case}_rank{rank}.pt")
+            assert got["world_size"] == 2 and got["sharded"] and want["sharded"]  # trainable params are DTensors
+            assert got["mini_batches"] > 2 and got["teacher_masked"] > 0
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+            _assert_close(got["grads"], want["grads"])
+            _assert_close(got["weights"], want["weights"])
+            assert any(not torch.equal(got["weights"][k], v) for k, v in got["initial"].items())  # it stepped
 
 
 # ------------------------------------------------------------------------- extended objective (issues 12, 13)

@@ -39,6 +39,8 @@ class VariantSummary:
     disabled: str | None = None
     rank: int | None = None
     paper_rank: int | None = None
+    extra: dict[str, list[float]] = field(default_factory=dict)
+    """``report_metrics`` name -> one value per finished seed that logged it (final validation)."""
 
     @property
     def n(self) -> int:
@@ -46,16 +48,22 @@ class VariantSummary:
 
     @property
     def mean(self) -> float | None:
-        return sum(self.values) / self.n if self.values else None
+        return mean_std(self.values)[0]
 
     @property
     def std(self) -> float | None:
         """Sample standard deviation over seeds (None below two seeds)."""
-        if self.n < 2:
-            return None
-        mean = self.mean
-        assert mean is not None
-        return math.sqrt(sum((v - mean) ** 2 for v in self.values) / (self.n - 1))
+        return mean_std(self.values)[1]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean (None when empty) and sample standard deviation (None below two values)."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 @dataclass
@@ -120,6 +128,10 @@ def summarize(spec: AblationSpec, results: Sequence[dict[str, Any]],
         if row is not None and record.get("value") is not None:
             row.values.append(float(record["value"]))
             row.seeds.append(int(record["seed"]))
+            final = record.get("metrics_at_final") or {}
+            for name in spec.report_metrics:
+                if final.get(name) is not None:
+                    row.extra.setdefault(name, []).append(float(final[name]))
     for failure in failures:
         if failure["variant"] in by_name:
             by_name[failure["variant"]].failed_seeds.append(int(failure["seed"]))
@@ -139,26 +151,49 @@ def _f(value: float | None, digits: int = 4) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def markdown_table(res: AblationResults) -> str:
-    spec = res.spec
+def _spread(values: Sequence[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{_f(mean)} ± {_f(std)}" if std is not None else _f(mean)
+
+
+FN_COLUMNS = (("fn_rate", "FN rate", 4), ("hardness", "hardness", 4))
+"""Columns taken from ``fn_report/fn_report.json`` (same held-back positives for every variant)."""
+
+
+def markdown_table(res: AblationResults, fn_rows: dict[str, dict[str, Any]] | None = None) -> str:
+    """The results table; ``report_metrics`` and (with ``fn_rows``: variant -> fn-report row) the false-negative
+    rate and hardness of each variant's mined negatives as extra columns, so NDCG and FN rate line up."""
+    spec, fn_rows = res.spec, fn_rows or {}
+    extra = [*spec.report_metrics]
+    fn_cols = FN_COLUMNS if fn_rows else ()
+    header = ["variant", "n", "mean ± std", "min", "max", *extra, *(c[1] for c in fn_cols), "paper", "rank",
+              "paper rank"]
     lines = [f"# Ablation: {spec.name}", ""]
     if spec.description:
         lines += [spec.description.strip(), ""]
     lines += [f"Metric: `{spec.metric}` ({spec.select} value of each run), mean ± sample std over seeds "
-              f"{spec.seeds}. Paper: NDCG@10 as printed in the paper (its scale, not ours: compare orderings).", "",
-              "| variant | n | mean ± std | min | max | paper | rank | paper rank |",
-              "|---|---:|---|---:|---:|---:|---:|---:|"]
+              f"{spec.seeds}. Paper: NDCG@10 as printed in the paper (its scale, not ours: compare orderings)."]
+    if extra:
+        lines.append(f"Also shown (final validation, mean ± std, not ranked): {', '.join(f'`{m}`' for m in extra)}.")
+    if fn_cols:
+        lines.append("FN rate / hardness: share of the variant's mined negatives that are held-back positives, and "
+                     "their mean teacher score (`fn_report/`).")
+    lines += ["", "| " + " | ".join(header) + " |",
+              "|---|---:|---|" + "---:|" * (len(header) - 3)]
     for row in res.rows:
+        fn = [_f(fn_rows.get(row.name, {}).get(key), digits) for key, _, digits in fn_cols]
         if row.disabled:
-            lines.append(f"| {row.name} | 0 | not run: {row.disabled} | | | {_f(row.paper)} | | "
-                         f"{row.paper_rank or ''} |")
+            cells = [row.name, "0", f"not run: {row.disabled}", "", "", *([""] * len(extra)), *fn, _f(row.paper), "",
+                     str(row.paper_rank or "")]
+            lines.append("| " + " | ".join(cells) + " |")
             continue
-        spread = f"{_f(row.mean)} ± {_f(row.std)}" if row.std is not None else _f(row.mean)
+        spread = _spread(row.values)
         if row.failed_seeds:
             spread += f" ({len(row.failed_seeds)} failed)"
-        lines.append(f"| {row.name} | {row.n} | {spread} | {_f(min(row.values) if row.values else None)} | "
-                     f"{_f(max(row.values) if row.values else None)} | {_f(row.paper)} | {row.rank or ''} | "
-                     f"{row.paper_rank or ''} |")
+        cells = [row.name, str(row.n), spread, _f(min(row.values) if row.values else None),
+                 _f(max(row.values) if row.values else None), *(_spread(row.extra.get(m, [])) for m in extra), *fn,
+                 _f(row.paper), str(row.rank or ""), str(row.paper_rank or "")]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     compared = sum(1 for r in res.rows if r.rank is not None and r.paper_rank is not None)
     if res.kendall_tau is not None:
@@ -178,10 +213,13 @@ def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def results_csv(res: AblationResults) -> str:
-    header = ["variant", "sweep", "x", "n", "mean", "std", "min", "max", "paper", "rank", "paper_rank",
+    extra = res.spec.report_metrics
+    header = ["variant", "sweep", "x", "n", "mean", "std", "min", "max",
+              *(f"{m}{suffix}" for m in extra for suffix in (" mean", " std")), "paper", "rank", "paper_rank",
               "failed", "disabled"]
     rows = [[r.name, r.sweep or "", "" if r.x is None else r.x, r.n, _f(r.mean, 6), _f(r.std, 6),
              _f(min(r.values) if r.values else None, 6), _f(max(r.values) if r.values else None, 6),
+             *(_f(v, 6) for m in extra for v in mean_std(r.extra.get(m, []))),
              _f(r.paper, 4), r.rank or "", r.paper_rank or "", len(r.failed_seeds), r.disabled or ""]
             for r in res.rows]
     return _csv_text(header, rows)
@@ -207,16 +245,27 @@ def write_report(spec: AblationSpec, plots: bool = True) -> dict[str, Path]:
     """``results.md``, ``results.csv``, ``runs.csv`` and the plots in ``spec.output_dir`` (each atomically)."""
     res, plans = collect(spec)
     out = Path(spec.output_dir)
-    written = {"markdown": out / RESULTS_MD, "csv": out / RESULTS_CSV, "runs_csv": out / RUNS_CSV}
-    write_text_atomic(written["markdown"], markdown_table(res))
+    written: dict[str, Path] = {}
+    fn_rows = None
+    if spec.fn_report is not None:  # filters over cached tables: no run needs to have finished
+        from nvr.ablation.false_negatives import write_fn_reports
+
+        written.update(write_fn_reports(spec, plots=plots))
+        fn_rows = _fn_rows(out)
+    written.update({"markdown": out / RESULTS_MD, "csv": out / RESULTS_CSV, "runs_csv": out / RUNS_CSV})
+    write_text_atomic(written["markdown"], markdown_table(res, fn_rows))
     write_text_atomic(written["csv"], results_csv(res))
     write_text_atomic(written["runs_csv"], runs_csv(res))
     if plots:
         from nvr.ablation.plots import write_plots
 
         written.update(write_plots(res, plans, out))
-    if spec.fn_report is not None:  # filters over cached tables: no run needs to have finished
-        from nvr.ablation.false_negatives import write_fn_reports
-
-        written.update(write_fn_reports(spec, plots=plots))
     return written
+
+
+def _fn_rows(out: Path) -> dict[str, dict[str, Any]]:
+    """Variant -> row of the fn report just written (``fn_report/fn_report.json``)."""
+    from nvr.ablation.false_negatives import FOLDER
+
+    report = json.loads((out / FOLDER / "fn_report.json").read_text(encoding="utf-8"))
+    return {row["variant"]: row for row in report["rows"]}

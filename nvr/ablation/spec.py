@@ -38,7 +38,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 DEFAULT_SEED_KEYS = ("seed_everything", "data.seed")
 _SPEC_KEYS = {"name", "description", "base_config", "output_dir", "seeds", "seed_keys", "metric", "select",
-              "overrides", "variants", "sweeps", "paper", "histograms", "fit_args", "fn_report"}
+              "report_metrics", "overrides", "variants", "sweeps", "paper", "histograms", "fit_args", "fn_report"}
 
 
 @dataclass
@@ -83,6 +83,9 @@ class AblationSpec:
     metric: str = "val/ndcg@10"
     select: str = "final"
     """Which logged value of ``metric`` a run contributes: ``final`` (last validation) or ``best``."""
+    report_metrics: list[str] = field(default_factory=list)
+    """Further logged metrics shown beside ``metric`` (mean ± std at each run's final validation), e.g. an
+    out-of-domain eval set (``val/cranfield/ndcg@10``) so gains that are only memorisation show up. Never ranked."""
     seed_keys: list[str] = field(default_factory=lambda: list(DEFAULT_SEED_KEYS))
     """Config keys set to the run's seed; a ``data.mining.*`` key makes each seed mine its own set."""
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -235,6 +238,16 @@ def _fn_report(value: Any) -> FnReportConfig | None:
         raise ConfigError("fn_report", str(err)) from err
 
 
+def _report_metrics(value: Any, metric: str) -> list[str]:
+    names = _str_list(value, "report_metrics")
+    for name in names:
+        if not name or name == metric:
+            raise ConfigError("report_metrics", f"'{name}' must be a logged metric other than metric ({metric})")
+    if len(set(names)) != len(names):
+        raise ConfigError("report_metrics", f"must be distinct, got {names}")
+    return names
+
+
 def _seeds(value: Any) -> list[int]:
     if not isinstance(value, list) or not value:
         raise ConfigError("seeds", "must be a non-empty list of integers")
@@ -269,7 +282,8 @@ def parse_spec(raw: Any) -> AblationSpec:
     spec = AblationSpec(
         name=_name(raw.get("name"), "name"), base_config=base, output_dir=output_dir, seeds=_seeds(raw.get("seeds")),
         variants=variants, sweeps=sweeps, description=str(raw.get("description") or ""), metric=metric,
-        select=select, seed_keys=_str_list(raw.get("seed_keys", list(DEFAULT_SEED_KEYS)), "seed_keys"),
+        select=select, report_metrics=_report_metrics(raw.get("report_metrics"), metric),
+        seed_keys=_str_list(raw.get("seed_keys", list(DEFAULT_SEED_KEYS)), "seed_keys"),
         overrides=_overrides(raw.get("overrides"), "overrides"),
         histograms=_str_list(raw.get("histograms"), "histograms"), fit_args=_str_list(raw.get("fit_args"), "fit_args"),
         fn_report=_fn_report(raw.get("fn_report")),

@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     check_export_target(cfg, extra)
     if not extra["fn_report"] and extra["fn"] != FnReportConfig():
         raise ConfigError("fn", "--fn.* options are set but --fn_report is not")
+    if extra["fn_report"] and cfg.stream_chunk_queries is not None:  # the report re-filters whole tables
+        raise ConfigError("stream_chunk_queries", "not supported together with --fn_report (it needs every query's "
+                                                  "candidates at once); unset one of them")
     from nvr.mining.pipeline import mine
 
     out = mine(cfg)

@@ -350,6 +350,11 @@ class MineConfig:
     audit: bool = False
     """Write audit.parquet: for every candidate, kept or the rule that rejected it."""
     overwrite: bool = False
+    stream_chunk_queries: int | None = None
+    """Streaming mode (``nvr.mining.streaming``): process the queries in chunks of this many rows, each finished
+    chunk saved (checksummed) under ``cache_dir/stream/<fingerprint>`` so host RAM is bounded by one chunk and a
+    killed run resumes from the finished chunks; ``mined.jsonl`` and ``manifest.json`` are byte-identical to the
+    in-memory path (None, the default), so it is not part of any fingerprint. Not with ``relabel`` or ``audit``."""
 
     def __post_init__(self) -> None:
         if not self.teachers:
@@ -365,9 +370,23 @@ class MineConfig:
             raise ConfigError("ensemble", "several teachers need an ensemble method (cross_sample, intra_sample_*)")
         if self.search_memory_mb <= 0:
             raise ConfigError("search_memory_mb", f"must be > 0, got {self.search_memory_mb}")
+        self._check_streaming()
         if self.relabel is not None and all((t.filter or self.filter).method == "naive_topk" for t in self.teachers):
             raise ConfigError("relabel", "naive_topk rejects no candidate by score, so there is nothing to relabel; "
                                          "use topk_shifted, topk_abs, topk_marginpos or topk_percpos")
+
+
+    def _check_streaming(self) -> None:
+        """Streaming keeps one chunk of candidates in memory: settings that need every query's candidates at once
+        are refused here, before any encoding (never silently run in memory)."""
+        if self.stream_chunk_queries is None:
+            return
+        if self.stream_chunk_queries <= 0:
+            raise ConfigError("stream_chunk_queries", f"must be > 0 or null, got {self.stream_chunk_queries}")
+        for key, value in (("relabel", self.relabel is not None), ("audit", self.audit)):
+            if value:
+                raise ConfigError("stream_chunk_queries", f"not supported together with {key} (it needs every "
+                                                          f"query's candidates at once); unset one of them")
 
 
 RelabelActivation = Literal["sigmoid", "identity"]

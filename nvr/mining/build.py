@@ -57,6 +57,7 @@ def build_candidate_table(
     cache_dir: str | Path | None = None,
     rows: Sequence[int] | np.ndarray | None = None,
     excluded: Mapping[str, Sequence[str]] | None = None,
+    positive_slots: int | None = None,
 ) -> CandidateTable:
     """Top ``depth + max #positives`` candidates per query, with every candidate that must never be a negative
     flagged in ``cand_is_positive``: positives, their text duplicates, documents whose text equals the query's, and
@@ -64,7 +65,9 @@ def build_candidate_table(
 
     ``rows`` restricts the table to those query rows (e.g. re-building the short ones at a larger depth); the
     table's ``query_ids`` are then that subset, in that order. ``pos_scores`` are computed explicitly for every
-    positive, whether or not it was retrieved.
+    positive, whether or not it was retrieved. ``positive_slots`` fixes the room the width reserves for positives
+    (default: the most positives of any of the rows), so a table of some rows (a streaming chunk) has exactly the
+    width of the table of all of them.
     """
     if depth <= 0:
         raise ValueError(f"depth must be > 0, got {depth}")
@@ -77,7 +80,11 @@ def build_candidate_table(
     pos_idx = _pad_rows(pos_lists)
     excluded = excluded or {}
     ex_lists = [_positive_rows(qid, excluded.get(qid, ()), corpus) for qid in ids]
-    k = depth + max((len(p) for p in pos_lists), default=0)
+    most_positives = max((len(p) for p in pos_lists), default=0)
+    slots = most_positives if positive_slots is None else int(positive_slots)
+    if slots < most_positives:
+        raise ValueError(f"positive_slots {slots} < {most_positives} positives of one of the rows")
+    k = depth + slots
 
     def compute() -> CandidateTable:
         started = time.monotonic()
@@ -100,7 +107,8 @@ def build_candidate_table(
 
     if cache_dir is None:
         return compute()
-    key = table_fingerprint(teacher, ids, texts, pos_lists, corpus, depth, excluded=ex_lists)
+    key = table_fingerprint(teacher, ids, texts, pos_lists, corpus, depth, excluded=ex_lists,
+                            width=None if slots == most_positives else k)
     return cached_or_built(Path(cache_dir) / "tables" / key, compute, f"teacher {teacher.name}")
 
 
@@ -112,10 +120,13 @@ def table_fingerprint(
     corpus: Corpus,
     depth: int,
     excluded: Sequence[Sequence[int]] = (),
+    width: int | None = None,
 ) -> str:
-    """Cache key of a table: teacher settings + corpus + (query id, text) pairs + positives + depth."""
+    """Cache key of a table: teacher settings + corpus + (query id, text) pairs + positives + depth (+ the width
+    when ``positive_slots`` set it to other than the default, so existing keys are unchanged)."""
+    extra = {} if width is None else {"width": int(width)}
     return sha256_json({
-        "format": FORMAT_VERSION, "teacher": teacher.settings_fingerprint, "name": teacher.name,
+        **extra, "format": FORMAT_VERSION, "teacher": teacher.settings_fingerprint, "name": teacher.name,
         "corpus": corpus.fingerprint, "queries": sha256_texts(q for pair in zip(query_ids, query_texts) for q in pair),
         "positives": sha256_json([list(map(int, p)) for p in pos_rows]), "depth": depth,
         "excluded": sha256_json([list(map(int, e)) for e in excluded]), "exclusion_rules": EXCLUSION_RULES,

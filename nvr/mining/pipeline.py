@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 MANIFEST_FORMAT = "nvr-mined/1"
 # Config keys that say where things go, not what is mined: left out of the manifest and the fingerprint.
 # Fields that change where/how the work runs, not the mined examples (so not the fingerprint either).
-_LOCATION_KEYS = ("output_dir", "overwrite", "cache_dir", "search_memory_mb", "audit")
+_LOCATION_KEYS = ("output_dir", "overwrite", "cache_dir", "search_memory_mb", "audit", "stream_chunk_queries")
 POSITIVE_AWARE_FILTERS = ("topk_marginpos", "topk_percpos")
 _VERSIONED = ("nvr", "numpy", "torch", "transformers", "faiss-cpu", "faiss-gpu", "bm25s", "pyarrow")
 
@@ -266,15 +266,18 @@ def make_teacher(cfg: TeacherConfig, cache_dir: str | Path, seed: int | None = N
 
 
 def build_tables(
-    cfg: MineConfig, teachers: Sequence[Any], data: MiningData, depth: int, rows: np.ndarray | None = None
+    cfg: MineConfig, teachers: Sequence[Any], data: MiningData, depth: int, rows: np.ndarray | None = None,
+    cache: bool = True, positive_slots: int | None = None,
 ) -> list[CandidateTable]:
-    """One candidate table per teacher (cached by ``build``), rescored by the cross-encoder when configured."""
+    """One candidate table per teacher (cached by ``build`` unless ``cache`` is False: streaming keeps its chunks
+    in its own work folder), rescored by the cross-encoder when configured. ``positive_slots``: see
+    ``build_candidate_table``."""
     ids, texts = data.queries.ids, data.queries.texts
     Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)  # first, so model fingerprints are memoized on a cold run
     tables = [
         build_candidate_table(
-            teacher, ids, texts, data.positives, data.corpus, depth, cfg.search_memory_mb, cfg.cache_dir, rows,
-            excluded=data.excluded,
+            teacher, ids, texts, data.positives, data.corpus, depth, cfg.search_memory_mb,
+            cfg.cache_dir if cache else None, rows, excluded=data.excluded, positive_slots=positive_slots,
         )
         for teacher in teachers
     ]
@@ -294,7 +297,13 @@ def filter_tables(cfg: MineConfig, tables: Sequence[CandidateTable], data: Minin
     tables reuse the choice)."""
     from nvr.mining.calibrate import resolve_filters
 
-    resolved = resolve_filters(cfg, tables, data.queries.ids)
+    return apply_filters(tables, resolve_filters(cfg, tables, data.queries.ids), data)
+
+
+def apply_filters(
+    tables: Sequence[CandidateTable], resolved: Sequence[tuple[Any, dict[str, Any]]], data: MiningData
+) -> list[FilterResult]:
+    """``apply_filter`` per table with already resolved (calibrated) filters and their calibration records."""
     return [
         apply_filter(t, fcfg, exclusion_reasons(t, [data.queries.text(q) for q in t.query_ids], data.corpus,
                                                 data.excluded), calibration=record)
@@ -384,6 +393,8 @@ def run_mining(cfg: MineConfig, teachers: Sequence[Any] | None = None) -> Mining
     """All computation of ``mine`` without writing the output folder. ``teachers``: ready teacher objects, one
     per ``cfg.teachers`` entry (e.g. the model being trained, for re-mining); default: built from the configs."""
     check_selection_config(cfg)
+    if cfg.stream_chunk_queries is not None:  # e.g. re-mining during training: only ``mine`` streams
+        log.warning("stream_chunk_queries is set, but this caller mines in memory (only nvr mine / mine() stream)")
     data = load_data(cfg.data)
     check_feasible(cfg, data)
     if teachers is None:
@@ -407,31 +418,54 @@ def run_mining(cfg: MineConfig, teachers: Sequence[Any] | None = None) -> Mining
         log.info("%d queries have < %d negatives; not re-searched: depth %d already covers the whole corpus (%d "
                  "docs)", int(selection.short.sum()), cfg.num_negatives, cfg.depth, len(data.corpus))
     still_short = selection.short
-    kept = np.flatnonzero(~still_short) if cfg.shortfall == "drop" else np.arange(len(selection.query_ids))
+    kept = kept_rows(cfg, selection)
     if kept.size == 0:
-        raise ConfigError("shortfall", f"'drop' dropped all {still_short.size} queries: none has num_negatives="
-                                       f"{cfg.num_negatives} survivors; lower num_negatives or use keep_short")
+        raise_all_dropped(cfg, still_short.size)
     relabelled = None
     if cfg.relabel is not None:
         from nvr.mining.relabel import relabel_mined
 
         relabelled = relabel_mined(cfg, data, [(tables, results), (deep_tables, deep_results)], selection, kept)
     counts = {
-        **selection.shortfall_counts(),
-        "recovered_by_widening": int((was_short & ~still_short).sum()),
-        "dropped_short": int(len(selection.query_ids) - kept.size),
-        "kept_short": int(still_short[kept].sum()),
-        "kept_without_negatives": int((selection.n_selected[kept] == 0).sum()),
-        "written": int(kept.size),
-        "skipped_without_positives": data.skipped_queries,
-        "merged_duplicate_text_queries": data.merged_queries,
-        "judged_relevant_excluded": sum(len(v) for v in data.excluded.values()),
+        **selection_counts(selection, was_short, kept),
+        **data_counts(data),
         **excluded_candidate_counts([*tables, *deep_tables], [*results, *deep_results]),
         **(relabelled.counts if relabelled is not None else {}),
     }
     fingerprints = teacher_records(teachers, cfg.teachers)
     return MiningResult(data, tables, results, selection, per_teacher, deep_tables, deep_results, kept,
                         fingerprints, counts, relabelled)
+
+
+def kept_rows(cfg: MineConfig, selection: Selection) -> np.ndarray:
+    """Rows written: all (``keep_short``) or those with ``num_negatives`` negatives (``drop``)."""
+    return np.flatnonzero(~selection.short) if cfg.shortfall == "drop" else np.arange(len(selection.query_ids))
+
+
+def raise_all_dropped(cfg: MineConfig, num_queries: int) -> None:
+    raise ConfigError("shortfall", f"'drop' dropped all {num_queries} queries: none has num_negatives="
+                                   f"{cfg.num_negatives} survivors; lower num_negatives or use keep_short")
+
+
+def selection_counts(selection: Selection, was_short: np.ndarray, kept: np.ndarray) -> dict[str, int]:
+    """The manifest counts of a (final) selection; each one sums over disjoint query chunks."""
+    still_short = selection.short
+    return {
+        **selection.shortfall_counts(),
+        "recovered_by_widening": int((was_short & ~still_short).sum()),
+        "dropped_short": int(len(selection.query_ids) - kept.size),
+        "kept_short": int(still_short[kept].sum()),
+        "kept_without_negatives": int((selection.n_selected[kept] == 0).sum()),
+        "written": int(kept.size),
+    }
+
+
+def data_counts(data: MiningData) -> dict[str, int]:
+    return {
+        "skipped_without_positives": data.skipped_queries,
+        "merged_duplicate_text_queries": data.merged_queries,
+        "judged_relevant_excluded": sum(len(v) for v in data.excluded.values()),
+    }
 
 
 def _round(x: float) -> float | None:
@@ -489,7 +523,16 @@ def manifest(cfg: MineConfig, res: MiningResult, mined: dict[str, Any]) -> dict[
     """The manifest: config, the inputs it was mined from (file hashes, teacher and cross-encoder fingerprints, the
     same ones the mined-set address covers), counts and the checksum of ``mined.jsonl`` (``{"sha256", "bytes",
     "rows"}``; ``nvr fit`` verifies it before training)."""
-    inputs = mining_inputs(cfg, res.teacher_fingerprints)
+    return manifest_from(cfg, res.teacher_fingerprints, res.data, res.counts, filter_settings(res.tables, res.results),
+                         mined)
+
+
+def manifest_from(
+    cfg: MineConfig, teacher_fingerprints: list[dict[str, str]], data: MiningData, counts: dict[str, int],
+    filters: dict[str, Any], mined: dict[str, Any],
+) -> dict[str, Any]:
+    """``manifest`` from its parts (the streaming path has no whole ``MiningResult``)."""
+    inputs = mining_inputs(cfg, teacher_fingerprints)
     cross_encoder = None
     if cfg.cross_encoder is not None:
         cross_encoder = {"model_name_or_path": cfg.cross_encoder.model_name_or_path,
@@ -500,31 +543,59 @@ def manifest(cfg: MineConfig, res: MiningResult, mined: dict[str, Any]) -> dict[
         "config": content_config(cfg),
         "seed": cfg.seed,
         "versions": package_versions(),
-        "teachers": res.teacher_fingerprints,
+        "teachers": teacher_fingerprints,
         "cross_encoder": cross_encoder,
         **({"relabel": {"model_name_or_path": cfg.relabel.model_name_or_path, "fingerprint": inputs["relabel"]}}
            if cfg.relabel is not None else {}),
         "input_files": inputs["files"],
-        "data": res.data.fingerprints(),
-        "counts": res.counts,
-        "filters": filter_settings(res.tables, res.results),
+        "data": data.fingerprints(),
+        "counts": counts,
+        "filters": filters,
         "files": {MINED_FILE: mined},
     }
 
 
-def write_outputs(folder: Path, cfg: MineConfig, res: MiningResult, started: float) -> None:
+def mined_lines(res: MiningResult) -> Iterator[bytes]:
+    """The ``mined.jsonl`` lines (UTF-8) of ``mined_rows``."""
+    for row in mined_rows(res):
+        yield (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_mined(path: Path, lines: Iterable[bytes]) -> dict[str, Any]:
+    """Write ``mined.jsonl`` atomically from a stream of lines; returns its ``{"sha256", "bytes", "rows"}``."""
     digest = hashlib.sha256()
     size = rows = 0
-    with atomic_file(folder / MINED_FILE, "wb") as fh:
-        for row in mined_rows(res):
-            line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    with atomic_file(path, "wb") as fh:
+        for line in lines:
             digest.update(line)
             size, rows = size + len(line), rows + 1
             fh.write(line)
-    mined = {"sha256": digest.hexdigest(), "bytes": size, "rows": rows}
-    with atomic_file(folder / MANIFEST_FILE) as fh:
-        json.dump(manifest(cfg, res, mined), fh, indent=2, ensure_ascii=False)
+    return {"sha256": digest.hexdigest(), "bytes": size, "rows": rows}
+
+
+def write_json(path: Path, obj: Any) -> None:
+    with atomic_file(path) as fh:
+        json.dump(obj, fh, indent=2, ensure_ascii=False)
         fh.write("\n")
+
+
+def report_extra(cfg: MineConfig, counts: dict[str, int], negatives_written: int, started: float) -> dict[str, Any]:
+    """The pipeline part of ``report.json`` (written rows, shortfall counts, locations and wall time)."""
+    return {
+        "num_queries": counts["written"],
+        "num_negatives_total": int(negatives_written),
+        "short_rows": counts["kept_short"],
+        "rows_without_negatives": counts["kept_without_negatives"],
+        "dropped_queries": counts["dropped_short"],
+        "shortfall": counts,
+        "run": {"output_dir": str(cfg.output_dir), "cache_dir": str(cfg.cache_dir),
+                "wall_s": round(time.monotonic() - started, 3)},
+    }
+
+
+def write_outputs(folder: Path, cfg: MineConfig, res: MiningResult, started: float) -> None:
+    mined = write_mined(folder / MINED_FILE, mined_lines(res))
+    write_json(folder / MANIFEST_FILE, manifest(cfg, res, mined))
     widened = res.selection.widened
     groups = [(res.tables, res.results, res.selection.subset(np.flatnonzero(~widened)))]
     if res.deep_tables:
@@ -533,20 +604,15 @@ def write_outputs(folder: Path, cfg: MineConfig, res: MiningResult, started: flo
         written = {res.selection.query_ids[r] for r in res.kept_rows}
         write_audit(folder / "audit.parquet", groups, written)
     plot_report(folder / "report.png", res.selection, res.tables, res.results)
-    extra = {
-        "num_queries": res.counts["written"],
-        "num_negatives_total": int(sum(int((res.selection.neg_idx[r] >= 0).sum()) for r in res.kept_rows)),
-        "short_rows": res.counts["kept_short"],
-        "rows_without_negatives": res.counts["kept_without_negatives"],
-        "dropped_queries": res.counts["dropped_short"],
-        "shortfall": res.counts,
-        "run": {"output_dir": str(cfg.output_dir), "cache_dir": str(cfg.cache_dir),
-                "wall_s": round(time.monotonic() - started, 3)},
-    }
+    extra = report_extra(cfg, res.counts, negatives_written(res.selection, res.kept_rows), started)
     report = build_report(res.tables, res.results, res.selection, res.per_teacher, extra=extra)
     with atomic_file(folder / "report.json") as fh:
         json.dump(report, fh, indent=2)
         fh.write("\n")
+
+
+def negatives_written(selection: Selection, kept: np.ndarray) -> int:
+    return int((selection.neg_idx[np.asarray(kept, dtype=np.int64)] >= 0).sum())
 
 
 def mine(cfg: MineConfig) -> Path:
@@ -571,6 +637,13 @@ def mine(cfg: MineConfig) -> Path:
     with exclusive_lock(out, what="output folder") if writer else contextlib.nullcontext():
         if writer:
             check_output_dir(out, "output_dir", cfg.overwrite)  # again under the lock: a run may have just finished
+        if run_cfg.stream_chunk_queries is not None:
+            from nvr.mining.streaming import mine_streaming
+
+            with teacher_key_scope(run_cfg):
+                written = mine_streaming(run_cfg, out, started)
+            log.info("mined %d queries -> %s", written, out)
+            return out
         with teacher_key_scope(run_cfg):
             res = run_mining(run_cfg)
         if not writer:

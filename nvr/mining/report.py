@@ -71,17 +71,22 @@ def rule_counts(result: FilterResult) -> dict[str, int]:
     return counts
 
 
+def jaccard_values(a: Selection, b: Selection) -> np.ndarray:
+    """Per query (with a negative in either), the Jaccard overlap of two teachers' negative sets."""
+    values = []
+    for row_a, row_b in zip(a.neg_idx, b.neg_idx):
+        sa, sb = set(row_a[row_a >= 0].tolist()), set(row_b[row_b >= 0].tolist())
+        if sa or sb:
+            values.append(len(sa & sb) / len(sa | sb))
+    return np.asarray(values, dtype=np.float64)
+
+
 def jaccard_overlap(per_teacher: Sequence[Selection], names: Sequence[str]) -> dict[str, float]:
     """Mean per-query Jaccard overlap of the negative sets each teacher alone would give (paper Table 6)."""
     out: dict[str, float] = {}
     for i, j in combinations(range(len(per_teacher)), 2):
-        a, b = per_teacher[i].neg_idx, per_teacher[j].neg_idx
-        values = []
-        for row_a, row_b in zip(a, b):
-            sa, sb = set(row_a[row_a >= 0].tolist()), set(row_b[row_b >= 0].tolist())
-            if sa or sb:
-                values.append(len(sa & sb) / len(sa | sb))
-        out[f"{names[i]}|{names[j]}"] = round(float(np.mean(values)), 6) if values else 0.0
+        values = jaccard_values(per_teacher[i], per_teacher[j])
+        out[f"{names[i]}|{names[j]}"] = round(float(np.mean(values)), 6) if values.size else 0.0
     return out
 
 
@@ -107,37 +112,105 @@ def build_report(
 ) -> dict[str, Any]:
     """The JSON report of a mining run (``extra`` carries pipeline counts such as dropped queries)."""
     names = [t.teacher for t in tables]
-    teachers = {}
-    for t, r, own in zip(tables, results, per_teacher):
-        survivors = r.num_kept
-        teachers[t.teacher] = {
-            "queries": t.num_queries,
-            "depth": t.depth,
-            "candidates": int(t.valid.sum()),
-            "rule_counts": rule_counts(r),
-            "survivors_per_query": score_stats(survivors),
-            "positive_anchor": score_stats(r.anchor),
-            "first_survivor_score": score_stats(first_survivor_scores(t, r)),
-            "selected_negative_score": score_stats(own.neg_scores),
-            "first_positive_rank": rank_summary(first_positive_rank(t, r), t.depth),
-        }
+    parts = report_parts(tables, results, selection, per_teacher)
+    return report_from_parts(parts, names, filter_settings(tables, results), extra)
+
+
+# Report parts: what the report needs from some rows, as flat arrays, so a streaming run keeps one small record
+# per query chunk and builds the same report from all of them: ``<name>.sum`` parts add up over chunks, ``.cat``
+# parts (per-query values, in row order) are concatenated, ``.same`` parts are equal in every chunk.
+def report_parts(
+    tables: Sequence[CandidateTable],
+    results: Sequence[FilterResult],
+    selection: Selection,
+    per_teacher: Sequence[Selection],
+) -> dict[str, np.ndarray]:
+    """The report's inputs over these rows (see above); ``report_from_parts`` turns them into the report."""
+    parts: dict[str, np.ndarray] = {}
+    for i, (t, r, own) in enumerate(zip(tables, results, per_teacher)):
+        p = f"teacher{i}."
+        parts[p + "queries.sum"] = np.int64(t.num_queries)
+        parts[p + "depth.same"] = np.int64(t.depth)
+        parts[p + "candidates.sum"] = np.int64(t.valid.sum())
+        parts[p + "reasons.sum"] = np.bincount(r.reason.ravel(), minlength=len(Reason)).astype(np.int64)
+        parts[p + "survivors.cat"] = np.asarray(r.num_kept, dtype=np.int64)
+        parts[p + "anchor.cat"] = np.asarray(r.anchor, dtype=np.float32)
+        parts[p + "first_survivor.cat"] = np.asarray(first_survivor_scores(t, r), dtype=np.float32)
+        parts[p + "selected.cat"] = np.asarray(own.neg_scores, dtype=np.float32)
+        parts[p + "first_positive_rank.cat"] = first_positive_rank(t, r)
     pos, neg = positive_negative_scores(selection, tables, results)
-    teacher_counts = np.bincount(selection.neg_teacher[selection.neg_teacher >= 0], minlength=len(names))
-    dup_in_row = sum(int((row >= 0).sum() - len(set(row[row >= 0].tolist()))) for row in selection.neg_idx)
+    for key, value in selection.shortfall_counts().items():
+        parts[f"selection.{key}.sum"] = np.int64(value)
+    parts["selection.k.same"] = np.int64(selection.k)
+    parts["selection.per_teacher.sum"] = np.bincount(selection.neg_teacher[selection.neg_teacher >= 0],
+                                                     minlength=len(tables)).astype(np.int64)
+    parts["selection.duplicates.sum"] = np.int64(
+        sum(int((row >= 0).sum() - len(set(row[row >= 0].tolist()))) for row in selection.neg_idx))
+    parts["selection.positive.cat"] = pos
+    parts["selection.negative.cat"] = neg
+    for i, j in combinations(range(len(per_teacher)), 2):
+        parts[f"jaccard{i}-{j}.cat"] = jaccard_values(per_teacher[i], per_teacher[j])
+    return parts
+
+
+def combine_parts(chunks: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The parts of all rows from the parts of disjoint row chunks (in row order)."""
+    out: dict[str, np.ndarray] = {}
+    for key in chunks[0]:
+        values = [c[key] for c in chunks]
+        if key.endswith(".sum"):
+            out[key] = np.sum(values, axis=0)
+        elif key.endswith(".cat"):
+            out[key] = np.concatenate(values)
+        else:
+            if any(not np.array_equal(v, values[0]) for v in values):
+                raise ValueError(f"report part {key} differs between chunks")
+            out[key] = values[0]
+    return out
+
+
+def report_from_parts(
+    parts: dict[str, np.ndarray], names: Sequence[str], filters: dict[str, Any], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The JSON report from ``report_parts`` (of all rows, or ``combine_parts`` of their chunks)."""
+    teachers = {}
+    for i, name in enumerate(names):
+        p = f"teacher{i}."
+        depth = int(parts[p + "depth.same"])
+        reasons = dict(zip(REASON_NAMES, (int(c) for c in parts[p + "reasons.sum"])))
+        reasons.pop("padding")
+        teachers[name] = {
+            "queries": int(parts[p + "queries.sum"]),
+            "depth": depth,
+            "candidates": int(parts[p + "candidates.sum"]),
+            "rule_counts": reasons,
+            "survivors_per_query": score_stats(parts[p + "survivors.cat"]),
+            "positive_anchor": score_stats(parts[p + "anchor.cat"]),
+            "first_survivor_score": score_stats(parts[p + "first_survivor.cat"]),
+            "selected_negative_score": score_stats(parts[p + "selected.cat"]),
+            "first_positive_rank": rank_summary(parts[p + "first_positive_rank.cat"], depth),
+        }
+    pos, neg = parts["selection.positive.cat"], parts["selection.negative.cat"]
+    counts = {key: int(parts[f"selection.{key}.sum"])
+              for key in ("queries", "full", "short", "empty", "widened", "negatives")}
+    overlap = {}
+    for i, j in combinations(range(len(names)), 2):
+        values = parts[f"jaccard{i}-{j}.cat"]
+        overlap[f"{names[i]}|{names[j]}"] = round(float(np.mean(values)), 6) if values.size else 0.0
     report: dict[str, Any] = {
         "reasons": list(REASON_NAMES),
         "teachers": teachers,
         "selection": {
-            **selection.shortfall_counts(),
-            "k": selection.k,
-            "negatives_per_teacher": {n: int(c) for n, c in zip(names, teacher_counts)},
-            "duplicate_negatives_within_rows": dup_in_row,
+            **counts,
+            "k": int(parts["selection.k.same"]),
+            "negatives_per_teacher": {n: int(c) for n, c in zip(names, parts["selection.per_teacher.sum"])},
+            "duplicate_negatives_within_rows": int(parts["selection.duplicates.sum"]),
             "positive_score": score_stats(pos),
             "first_negative_score": score_stats(neg),
             "positive_minus_first_negative": score_stats(pos - neg),
         },
-        "teacher_overlap_jaccard": jaccard_overlap(per_teacher, names),
-        "filters": filter_settings(tables, results),
+        "teacher_overlap_jaccard": overlap,
+        "filters": filters,
     }
     if extra:
         report.update(extra)
@@ -206,14 +279,18 @@ def report_figure(selection: Selection, tables: Sequence[CandidateTable], result
     """The paper's Fig. 4 view: positive vs first-negative scores (left) and the quantity the filter thresholds
     (right: negative / positive for TopK-PercPos, positive - negative otherwise), with the threshold drawn where the
     rule has one, and a title naming the method, its threshold and the teacher(s)."""
+    pos, neg = positive_negative_scores(selection, tables, results)
+    return score_figure(pos, neg, [t.teacher for t in tables], [r.config for r in results])
+
+
+def score_figure(pos: np.ndarray, neg: np.ndarray, names: Sequence[str], configs: Sequence[Any]):
+    """``report_figure`` from the (anchor, first-negative) scores per query, the teacher names and their filters
+    (all a streaming run keeps)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    configs = [r.config for r in results]
-    names = [t.teacher for t in tables]
-    pos, neg = positive_negative_scores(selection, tables, results)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.4))
     finite = np.concatenate([pos[np.isfinite(pos)], neg[np.isfinite(neg)]])
     bins = np.linspace(finite.min(), finite.max(), 41) if finite.size and np.ptp(finite) > 0 else 40
@@ -276,11 +353,17 @@ def plot_report(
     path: str | Path, selection: Selection, tables: Sequence[CandidateTable], results: Sequence[FilterResult]
 ) -> None:
     """Write :func:`report_figure` as a PNG (atomically)."""
+
+
+    save_figure(path, report_figure(selection, tables, results))
+
+
+def save_figure(path: str | Path, fig) -> None:
+    """Write a figure as a PNG (atomically; no software tag, so equal data gives equal bytes)."""
     import matplotlib.pyplot as plt
 
     from nvr.utils.atomic import atomic_file
 
-    fig = report_figure(selection, tables, results)
     with atomic_file(path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=80, metadata={"Software": None})
     plt.close(fig)
@@ -316,13 +399,17 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 def filter_settings(tables: Sequence[CandidateTable], results: Sequence[FilterResult]) -> dict[str, Any]:
     """Per teacher, the filter that ran (a per-teacher ``filter`` or the run's, with the parameter
     ``filter.calibrate`` chose filled in) and the calibration record (empty when not calibrated)."""
+    return filter_settings_of([t.teacher for t in tables], [(r.config, r.calibration) for r in results])
+
+
+def filter_settings_of(names: Sequence[str], resolved: Sequence[tuple[Any, dict[str, Any]]]) -> dict[str, Any]:
+    """``filter_settings`` from the teacher names and each one's (resolved filter, calibration record)."""
     import dataclasses
 
     out: dict[str, Any] = {}
-    for t, r in zip(tables, results):
-        config = None if r.config is None else {k: v for k, v in dataclasses.asdict(r.config).items()
-                                                if k != "calibrate"}
-        out[t.teacher] = {"config": config, "calibration": dict(r.calibration)}
+    for name, (cfg, calibration) in zip(names, resolved):
+        config = None if cfg is None else {k: v for k, v in dataclasses.asdict(cfg).items() if k != "calibrate"}
+        out[name] = {"config": config, "calibration": dict(calibration)}
     return out
 
 

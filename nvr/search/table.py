@@ -169,3 +169,76 @@ def _load_cached(path: Path, what: str, warn: bool = True) -> CandidateTable | N
     if table is not None:
         log.info("%s: candidate table loaded from cache %s", what, path)
     return table
+
+
+PARQUET_FORMAT = "nvr-candidates/1"
+_LIST_COLUMNS = (("cand_idx", "int64"), ("cand_scores", "float32"), ("cand_is_positive", "bool"),
+                 ("pos_idx", "int64"), ("pos_scores", "float32"))
+
+
+def table_to_arrow(table: CandidateTable):
+    """The table as a ``pyarrow.Table``: one row per query (``query_id`` + one fixed-size list column per array);
+    the teacher, the widths and the format go into the schema metadata. Doc ids are not stored (every table of a
+    run shares the corpus' list), so a chunk of a 700k-query run costs only its own rows."""
+    import pyarrow as pa
+
+    columns = {"query_id": pa.array(list(table.query_ids), type=pa.string())}
+    for name, dtype in _LIST_COLUMNS:
+        values = np.ascontiguousarray(getattr(table, name), dtype=dtype)
+        width = values.shape[1]
+        columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=dtype), width)
+    meta = {"format": PARQUET_FORMAT, "teacher": table.teacher, "depth": str(table.depth),
+            "positives": str(table.pos_idx.shape[1])}
+    return pa.table(columns).replace_schema_metadata(meta)
+
+
+def table_from_arrow(arrow, doc_ids: list[str]) -> CandidateTable:
+    """Inverse of :func:`table_to_arrow` (``doc_ids``: the corpus ids the indices point into)."""
+    meta = {k.decode(): v.decode() for k, v in (arrow.schema.metadata or {}).items()}
+    if meta.get("format") != PARQUET_FORMAT:
+        raise ValueError(f"not an nvr candidate table (format {meta.get('format')!r})")
+    rows = arrow.num_rows
+    widths = {"cand": int(meta["depth"]), "pos": int(meta["positives"])}
+    arrays = {}
+    for name, dtype in _LIST_COLUMNS:
+        if name not in arrow.column_names:  # not read: width 0
+            arrays[name] = np.zeros((rows, 0), dtype=dtype)
+            continue
+        column = arrow.column(name).combine_chunks()
+        flat = column.flatten().to_numpy(zero_copy_only=False)
+        arrays[name] = np.asarray(flat, dtype=dtype).reshape(rows, widths[name.split("_")[0]])
+    return CandidateTable(teacher=meta["teacher"], query_ids=arrow.column("query_id").to_pylist(),
+                          doc_ids=doc_ids, **arrays)
+
+
+def write_table_parquet(table: CandidateTable, path: str | Path) -> None:
+    """Write one table (e.g. one query chunk) as a parquet file, atomically, with its checksum sidecar."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nvr.utils.checksum import checksummed_file
+
+    buffer = pa.BufferOutputStream()  # one chunk's bytes: pyarrow's writer needs a file object it can close
+    pq.write_table(table_to_arrow(table), buffer, compression="zstd")
+    with checksummed_file(path) as fh:
+        fh.write(buffer.getvalue().to_pybytes())
+
+
+def read_table_parquet(path: str | Path, doc_ids: list[str], columns: list[str] | None = None) -> CandidateTable:
+    """A table written by :func:`write_table_parquet`, checked against its sidecar first
+    (:class:`CorruptTableError` naming the file when it does not match or cannot be read). ``columns``: read only
+    those array columns (the others come back with width 0; the cand_* columns go together), e.g. the positives'
+    scores for calibration."""
+    import pyarrow.parquet as pq
+
+    from nvr.utils.checksum import verify_sidecar
+
+    problem = verify_sidecar(path)
+    if problem is not None:
+        raise CorruptTableError(f"{path}: {problem}")
+    try:
+        wanted = None if columns is None else ["query_id", *columns]
+        arrow = pq.read_table(path, columns=wanted)
+        return table_from_arrow(arrow, doc_ids)
+    except (OSError, ValueError, KeyError) as err:
+        raise CorruptTableError(f"{path}: unreadable candidate table ({err})") from err

@@ -123,13 +123,19 @@ class PendingBackward:
 
 
 def cached_backward(encode: EncodeFn, pending: PendingBackward, scale: Tensor, params: Sequence[nn.Parameter],
-                    context: Callable[[], AbstractContextManager] = nullcontext) -> None:
+                    context: Callable[[], AbstractContextManager] = nullcontext, *, sharded: bool = False) -> None:
     """Step 3: re-encode each mini-batch from its saved RNG state and back-propagate its cached gradient.
 
-    Every mini-batch but the last adds its parameter gradients with ``torch.autograd.grad`` straight into
-    ``.grad``, which does not fire DDP's gradient hooks; the last one is a normal ``backward``, so DDP all-reduces
-    the accumulated total once, as ``no_sync`` gradient accumulation does. (A normal ``backward`` per mini-batch
-    would all-reduce only the first one's gradients: DDP expects one backward per forward.)
+    One device / DDP: every mini-batch but the last adds its parameter gradients with ``torch.autograd.grad``
+    straight into ``.grad``, which does not fire DDP's gradient hooks; the last one is a normal ``backward``, so DDP
+    all-reduces the accumulated total once, as ``no_sync`` gradient accumulation does. (A normal ``backward`` per
+    mini-batch would all-reduce only the first one's gradients: DDP expects one backward per forward.)
+
+    FSDP2 (``sharded``): ``params`` are DTensor shards that the forward does not use (it runs on all-gathered
+    copies), so ``autograd.grad`` cannot reach them. Every mini-batch is a normal ``backward``: FSDP2 reduce-scatters
+    its gradients and adds them to the sharded ``.grad``, as in its gradient accumulation. Gradient memory stays
+    sharded (no unsharded accumulation buffers, unlike ``set_requires_gradient_sync(False)``), for one
+    reduce-scatter per mini-batch next to the two all-gathers FSDP2 already runs to re-encode it.
     """
     items = [(mb, grad.index_select(0, mb.rows.to(grad.device))) for cached, grad in pending.fields
              for mb in cached.mini_batches]
@@ -141,10 +147,10 @@ def cached_backward(encode: EncodeFn, pending: PendingBackward, scale: Tensor, p
         with context():
             emb = encode(mb.features)
         upstream = (grad * scale).to(emb.dtype)
-        if position < len(items) - 1:
-            _accumulate(params, torch.autograd.grad(emb, params, upstream, allow_unused=True))
-        else:
+        if sharded or position == len(items) - 1:
             emb.backward(upstream)
+        else:
+            _accumulate(params, torch.autograd.grad(emb, params, upstream, allow_unused=True))
         del emb
     after.restore()
 

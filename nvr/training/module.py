@@ -19,8 +19,8 @@ Checkpoints and warm starts:
   :mod:`nvr.training.cached` under Lightning's automatic optimization: ``training_step`` computes graph-free
   embeddings, the full-batch loss and its embedding gradients, and returns a leaf holding the loss; :meth:`backward`
   re-encodes each mini-batch (replayed dropout, same autocast) and back-propagates it. Gradient accumulation,
-  clipping, the LR schedule, checkpoints/resume and DDP (incl. cross-device negatives) work unchanged and are tested
-  equal to the uncached loss. Not supported: FSDP2 (a ConfigError) and DDP with ``find_unused_parameters=True``.
+  clipping, the LR schedule, checkpoints/resume, DDP and FSDP2 (incl. cross-device negatives) work unchanged and
+  are tested equal to the uncached loss. DDP with ``find_unused_parameters=True`` is refused (a ConfigError).
 * The objective (:mod:`nvr.training.objective`) is a function of the embeddings only: InfoNCE with multi-positive
   targets, teacher and self-guided masking, KD from teacher scores and Matryoshka dims work the same in both paths.
   A batch may override ``use_in_batch_negatives`` (per-dataset setting, contract C1) and names its dataset, whose
@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from nvr.modeling.config import EmbedderConfig, as_embedder_config
@@ -272,7 +273,8 @@ class BiEncoderModule(pl.LightningModule):
         (scale,) = torch.autograd.grad(loss, pending.loss_leaf)
         params = [p for p in self.parameters() if p.requires_grad]
         context = self.trainer.precision_plugin.forward_context if self._trainer is not None else nullcontext
-        cached_backward(self.encode, pending, scale, params, context)
+        cached_backward(self.encode, pending, scale, params, context,
+                        sharded=bool(getattr(self, "_fsdp_applied", False)))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """Embeddings + sample positions for :class:`~nvr.evaluation.callback.RetrievalEvaluator`."""
@@ -353,10 +355,6 @@ class BiEncoderModule(pl.LightningModule):
         """Shard each transformer layer, the pooling head and the root with FSDP2 under ModelParallelStrategy."""
         if self.device_mesh is None or getattr(self, "_fsdp_applied", False):
             return
-        if self.cached_loss:
-            raise ConfigError("model.mini_batch_size", "cached InfoNCE (mini_batch_size / mini_batch_num_tokens) "
-                                                       "is supported with one device or DDP, not FSDP2 "
-                                                       "(ModelParallelStrategy); use strategy: ddp")
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
@@ -372,7 +370,13 @@ class BiEncoderModule(pl.LightningModule):
         return self.embedder_config.lora is not None and self.device_mesh is None
 
     def setup(self, stage: str) -> None:
-        """Before any batch: data max lengths above the model's positions are clamped (warning names the key)."""
+        """Before any batch: data max lengths above the model's positions are clamped (warning names the key).
+        The cached loss under DDP's unused-parameter search is refused: the step's output is a graph-free leaf, so
+        DDP marks every parameter unused and the re-encoding's backward then fails with "marked ready twice"."""
+        if self.cached_loss and self._trainer is not None and ddp_finds_unused_parameters(self.trainer.strategy):
+            raise ConfigError("model.mini_batch_size", "cached InfoNCE (mini_batch_size / mini_batch_num_tokens) "
+                                                       "does not work with DDP find_unused_parameters=True; "
+                                                       "use strategy: ddp")
         data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if data is not None:
             clamp_data_max_lengths(self.embedder, data)
@@ -606,6 +610,13 @@ def freeze_unused_heads(embedder: Embedder) -> list[str]:
     if frozen:
         log.info("froze %d unused backbone head parameter(s): %s", len(frozen), frozen[:4])
     return frozen
+
+
+def ddp_finds_unused_parameters(strategy: object) -> bool:
+    """Whether Lightning's DDPStrategy will wrap the model with ``find_unused_parameters=True`` (it keeps the
+    DistributedDataParallel kwargs without a public accessor)."""
+    kwargs = getattr(strategy, "_ddp_kwargs", None) or {}
+    return isinstance(strategy, DDPStrategy) and bool(kwargs.get("find_unused_parameters"))
 
 
 def transformer_layers(backbone: nn.Module) -> list[nn.Module]:
