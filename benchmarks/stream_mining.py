@@ -7,6 +7,8 @@ The teacher is ``kind: random`` (a seeded draw of ``depth`` docs per query: no m
 goes to what streaming changes: the (Q, depth) candidate tables, the filter masks, the selection and the mined
 rows. Each mode runs in its own process (``VmHWM`` is its own peak); ``load`` only loads the data (queries,
 positives, corpus texts), the floor both modes share. The mined.jsonl sha256 of both modes is printed: equal.
+``sweep`` streams again over the ``stream`` run's cache with another filter (``topk_shifted``): every chunk table
+comes from the chunked table cache, as in a filter sweep.
 """
 
 from __future__ import annotations
@@ -59,8 +61,10 @@ def role(args: argparse.Namespace) -> None:
 
     cfg = MineConfig(data=DataSource(beir_dir=args.beir), teachers=[TeacherConfig(name="random", kind="random")],
                      output_dir=args.out, cache_dir=args.cache, depth=args.depth, max_depth=args.depth,
-                     num_negatives=args.k, filter=FilterConfig(method="naive_topk"), overwrite=True,
-                     stream_chunk_queries=args.chunk if args.role == "stream" else None)
+                     num_negatives=args.k, overwrite=True,
+                     filter=FilterConfig(method="topk_shifted", shift=1) if args.role == "sweep" else
+                     FilterConfig(method="naive_topk"),
+                     stream_chunk_queries=args.chunk if args.role in ("stream", "sweep") else None)
     started = time.perf_counter()
     digest = None
     if args.role == "load":
@@ -73,9 +77,9 @@ def role(args: argparse.Namespace) -> None:
 
 
 def run(mode: str, args: argparse.Namespace, beir: Path, work: Path) -> dict:
+    cache = work / f"cache-{'stream' if mode == 'sweep' else mode}"  # the sweep reuses the stream run's tables
     cmd = [sys.executable, __file__, "--role", mode, "--beir", str(beir), "--out", str(work / mode),
-           "--cache", str(work / f"cache-{mode}"), "--depth", str(args.depth), "--k", str(args.k),
-           "--chunk", str(args.chunk)]
+           "--cache", str(cache), "--depth", str(args.depth), "--k", str(args.k), "--chunk", str(args.chunk)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
@@ -90,7 +94,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=200)
     parser.add_argument("--k", type=int, default=8, help="num_negatives")
     parser.add_argument("--chunk", type=int, default=5000, help="stream_chunk_queries")
-    parser.add_argument("--role", choices=["load", "memory", "stream"], default=None)
+    parser.add_argument("--role", choices=["load", "memory", "stream", "sweep"], default=None)
     parser.add_argument("--beir")
     parser.add_argument("--out")
     parser.add_argument("--cache")
@@ -101,7 +105,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="nvr-stream-bench-") as tmp:
         work = Path(tmp)
         beir = write_beir(work / "beir", args.docs, args.queries)
-        results = {mode: run(mode, args, beir, work) for mode in ("load", "memory", "stream")}
+        results = {mode: run(mode, args, beir, work) for mode in ("load", "memory", "stream", "sweep")}
     print(f"{args.queries} queries x depth {args.depth}, {args.docs} docs, k={args.k}, chunks of {args.chunk}")
     print(f"{'mode':<8}{'wall (s)':>10}{'peak RSS (MB)':>16}{'above load (MB)':>18}  mined sha256")
     floor = results["load"]["peak_rss_mb"]

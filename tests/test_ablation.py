@@ -306,3 +306,20 @@ def test_plan_mined_dir_is_content_addressed(tiny_bert_dir, tiny_beir_dir, tmp_p
     after = {p.run_id: p.mined_dir for p in plan_runs(spec)}
     assert set(after) == set(before) and all(after[k] != before[k] for k in before)
     assert len(set(after.values())) == len(set(before.values()))  # variants still share mined sets as before
+
+
+@pytest.mark.parametrize("table", ["table1", "table2", "table3"])
+def test_scifact_specs_parse_every_variant_with_the_fit_parser(table, capsys) -> None:
+    """Spec-level smoke test of the issue-15 grids (the runs themselves are hours of CPU: never in CI)."""
+    from nvr.cli.ablate import main as ablate_main
+
+    path = REPO / "configs" / "ablations" / f"scifact_{table}.yaml"
+    spec = load_spec(path)
+    assert len(spec.seeds) >= 3 and spec.metric == "val/scifact/ndcg@10"
+    assert spec.report_metrics == ["val/cranfield/ndcg@10"] and spec.fn_report is not None
+    assert spec.output_dir == f"docs/results/scifact/{table}"
+    base = yaml.safe_load((REPO / spec.base_config[0]).read_text(encoding="utf-8"))
+    assert base["trainer"]["precision"] == "32-true"  # fixed: results from different machines must compare
+    assert ablate_main(["--config", str(path), "--dry_run"]) == 0
+    planned = capsys.readouterr().out
+    assert planned.count("--seed_everything") == len(spec.all_variants()) * len(spec.seeds)

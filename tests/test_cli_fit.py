@@ -119,6 +119,20 @@ def test_resolve_trainer_precision_per_accelerator(monkeypatch) -> None:
     assert resolve_trainer_precision("tpu") == "32-true"
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_explicit_bf16_on_a_cpu_without_native_bf16_warns(native, monkeypatch, caplog) -> None:
+    import nvr.utils.precision
+    from nvr.cli.lightning_cli import warn_emulated_bf16
+
+    monkeypatch.setattr(nvr.utils.precision, "bf16_supported", lambda device="cpu": native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING", logger="nvr.cli.lightning_cli"):
+        assert warn_emulated_bf16("bf16-mixed", "cpu") is (not native)
+        assert warn_emulated_bf16("bf16-true", None) is (not native)  # accelerator auto -> cpu here
+        assert not warn_emulated_bf16("32-true", "cpu") and not warn_emulated_bf16("bf16-mixed", "gpu")
+    assert ("generic fallback" in caplog.text) is (not native)
+
+
 # ------------------------------------------------------------------------------ finite hyper-parameters
 @pytest.mark.parametrize("path,value", [
     (("lr",), float("nan")), (("temperature",), float("inf")), (("weight_decay",), float("-inf")),

@@ -1,13 +1,17 @@
-"""Streaming mining (``stream_chunk_queries``): byte-identical to the in-memory path for any chunk size, resumable
-after kill -9 from the finished chunks, corrupted chunks recomputed, unsupported settings refused up front."""
+"""Streaming mining (``stream_chunk_queries``): byte-identical to the in-memory path for any chunk size and under
+torchrun (2 gloo ranks), chunk tables cached by the table key so a filter / sampler / ensemble sweep searches
+nothing, resumable after kill -9 from the finished chunks, corrupted chunks recomputed, unsupported settings refused
+up front."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +31,7 @@ from nvr.config.mining import (
 )
 from nvr.data.beir import load_beir
 from nvr.mining import streaming
-from nvr.mining.build import build_candidate_table
+from nvr.mining.build import TextKeys, build_candidate_table, mark_positives
 from nvr.mining.pipeline import content_config, mine, mining_fingerprint
 from nvr.search.table import (
     CandidateTable,
@@ -102,6 +106,10 @@ def test_streaming_output_is_byte_identical_for_any_chunk_size(case, tiny_beir_d
         assert not (tmp_path / "cache" / "stream" / manifest["fingerprint"]).exists()  # removed once written
         report = json.loads((out / "report.json").read_text())
         assert report["stream"]["chunks"] == -(-10 // size)
+        for folder in map(Path, report["stream"]["table_cache"].values()):  # kept, keyed like the whole table
+            key, chunks = folder.name.rsplit("-chunks", 1)
+            assert chunks == str(size) and (folder.parent / key / "checksums.json").is_file()
+            assert len(list(folder.glob("chunk-*.parquet"))) == report["stream"]["chunks"]
         for teacher in cfg.teachers:
             file = out / report["stream"]["candidates"][teacher.name]
             assert pq.ParquetFile(file).num_row_groups == report["stream"]["chunks"]
@@ -139,12 +147,94 @@ def test_unsupported_settings_are_refused_before_any_work(tiny_beir_dir, tmp_pat
     assert not (tmp_path / "cli").exists() and not (tmp_path / "cache" / "stream").exists()
 
 
-def test_streaming_under_torchrun_is_refused_before_encoding(tiny_beir_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(streaming, "dist_rank_world", lambda: (0, 2))
-    monkeypatch.setattr(streaming, "load_data", lambda *a: pytest.fail("data loaded before the check"))
-    cfg = base_cfg(tiny_beir_dir, tmp_path, teachers=[bm25()], stream_chunk_queries=2)
-    with pytest.raises(ConfigError, match="stream_chunk_queries.*torchrun"):
-        mine(cfg)
+def count_searches(monkeypatch) -> list[str]:
+    """Every teacher search (``rank_corpus`` of BM25, dense and random teachers) appends the teacher's name."""
+    from nvr.teachers.bm25 import BM25Teacher
+    from nvr.teachers.dense import DenseTeacher
+    from nvr.teachers.random import RandomTeacher
+
+    calls: list[str] = []
+    for cls in (BM25Teacher, DenseTeacher, RandomTeacher):
+        def counted(self, *a, _search=cls.rank_corpus, **kw):
+            calls.append(self.name)
+            return _search(self, *a, **kw)
+
+        monkeypatch.setattr(cls, "rank_corpus", counted)
+    return calls
+
+
+def test_filter_sampler_ensemble_sweep_reuses_every_chunk_table(tiny_beir_dir, tiny_bert_dir, tmp_path,
+                                                                 monkeypatch):
+    calls = count_searches(monkeypatch)
+    first = base_cfg(tiny_beir_dir, tmp_path, teachers=[dense(tiny_bert_dir), bm25()], max_depth=4,
+                     ensemble="intra_sample_nodedup", output_dir=str(tmp_path / "s0"), stream_chunk_queries=3)
+    stats = json.loads((mine(first) / "report.json").read_text())["stream"]
+    assert stats["tables_built"] == 8 and stats["tables_reused"] == 0 and sorted(set(calls)) == ["bm25", "tiny"]
+    sweep = {
+        "cross_marginpos_sampled": dict(ensemble="cross_sample", filter=FilterConfig(method="topk_marginpos",
+                                                                                      margin=0.05),
+                                        sampler=SamplerConfig(method="sampled_topk", window=5)),
+        "dense_only_calibrated": dict(teachers=[dense(tiny_bert_dir)], ensemble="none", filter=FilterConfig(
+            method="topk_percpos", calibrate=CalibrateConfig(value=0.8))),
+        "bm25_only_shifted": dict(teachers=[bm25()], ensemble="none",
+                                  filter=FilterConfig(method="topk_shifted", shift=1)),
+    }
+    for name, change in sweep.items():
+        calls.clear()
+        streamed = dataclasses.replace(first, output_dir=str(tmp_path / name), **change)
+        out = mine(streamed)
+        assert calls == [], name  # no teacher searched: every chunk table came from the cache
+        stats = json.loads((out / "report.json").read_text())["stream"]
+        assert stats["tables_built"] == 0 and stats["tables_reused"] == 4 * len(streamed.teachers), name
+        compare_outputs(mine(dataclasses.replace(streamed, output_dir=str(tmp_path / f"{name}-memory"),
+                                                 stream_chunk_queries=None)), out)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stream_script():
+    path = Path(__file__).parent / "scripts" / "stream_mine.py"
+    spec = importlib.util.spec_from_file_location("stream_mine", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return path, module
+
+
+def test_torchrun_two_gloo_ranks_match_one_process(tiny_beir_dir, tiny_bert_dir, tmp_path):
+    """2 ranks (torchrun environment, the group created by the run): both encode and search, rank 0 writes; the
+    output equals the 1-process in-memory run's, widening included; a second run with another filter reuses every
+    chunk table under torchrun too."""
+    script, module = _stream_script()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cache = tmp_path / "cache-2"
+    for filter_name in ("marginpos", "percpos"):
+        out = tmp_path / f"stream-{filter_name}"
+        port = str(_free_port())
+        procs = [subprocess.Popen([sys.executable, str(script), str(tiny_beir_dir), str(out), str(cache),
+                                   str(tiny_bert_dir), "3", filter_name], stderr=subprocess.PIPE, text=True,
+                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in (0, 1)]
+        errors = [p.communicate(timeout=300)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+        if filter_name == "marginpos":  # each rank searched its half of the corpus, chunk by chunk
+            assert all(f"rank {r}/2:" in err for r, err in enumerate(errors)), errors[1][-3000:]
+        memory = mine(module.config(str(tiny_beir_dir), str(tmp_path / f"memory-{filter_name}"),
+                                    str(tmp_path / "cache-1"), str(tiny_bert_dir), None, filter_name))
+        compare_outputs(memory, out)
+        stats = json.loads((out / "report.json").read_text())["stream"]
+        if filter_name == "marginpos":
+            assert json.loads((memory / "manifest.json").read_text())["counts"]["widened"] > 0
+            assert stats["tables_built"] == 8 and stats["tables_reused"] == 0
+        else:
+            assert stats["tables_built"] == 0 and stats["tables_reused"] == 8
+    shards = list((cache / "embeddings").rglob("*.npy"))
+    assert shards, "the ranks encoded through the shared embedding cache"
 
 
 class Interrupt(Exception):
@@ -170,18 +260,20 @@ def test_interrupted_run_resumes_and_recomputes_a_corrupted_chunk(tiny_beir_dir,
     assert sorted(p.name for p in work.glob("mined-*.jsonl")) == ["mined-000000.jsonl", "mined-000001.jsonl"]
     with open(work / "mined-000001.jsonl", "r+b") as fh:  # same size, other bytes
         fh.write(b"X")
-    (work / "tables-000002-0.parquet").write_bytes(b"garbage")
+    (table_dir,) = (tmp_path / "cache" / "tables").glob("*-chunks3")
+    (table_dir / "chunk-000002.parquet").write_bytes(b"garbage")
     monkeypatch.setattr(streaming, "chunk_saved", lambda phase, chunk: saved.append((phase, chunk)))
     saved.clear()
     with caplog.at_level(logging.WARNING, logger="nvr.mining.streaming"):
         out = mine(streamed)
     compare_outputs(memory, out)
     stats = json.loads((out / "report.json").read_text())["stream"]
-    assert stats["tables_reused"] == 3 and stats["chunks_reused"] == 1  # tables 0, 1, 3; chunk 0
+    assert stats["tables_reused"] == 3 and stats["tables_built"] == 1  # tables 0, 1, 3 reused; 2 rebuilt
+    assert stats["chunks_reused"] == 1  # chunk 0
     assert saved == [("tables", 2), ("chunk", 1), ("chunk", 2), ("chunk", 3)]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("chunk 1" in w and "mined-000001.jsonl" in w for w in warnings)
-    assert any("chunk 2" in w and "tables-000002-0.parquet" in w for w in warnings)
+    assert any("chunk 2" in w and "chunk-000002.parquet" in w for w in warnings)
 
 
 KILL_DRIVER = """
@@ -214,10 +306,11 @@ def test_kill9_mid_run_resumes_from_the_finished_chunks(tiny_beir_dir, tiny_bert
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not out.exists()
     (work,) = [p for p in (Path(cfg.cache_dir) / "stream").iterdir() if p.is_dir()]
-    assert len(list(work.glob("mined-*.jsonl"))) == 2 and len(list(work.glob("tables-*.parquet"))) == 6
+    assert len(list(work.glob("mined-*.jsonl"))) == 2
+    assert len(list((Path(cfg.cache_dir) / "tables").glob("*-chunks4/chunk-*.parquet"))) == 6
     resumed = mine(dataclasses.replace(cfg, output_dir=str(out), stream_chunk_queries=4))
     stats = json.loads((resumed / "report.json").read_text())["stream"]
-    assert stats == {**stats, "chunks": 3, "tables_reused": 3, "chunks_reused": 2}
+    assert stats == {**stats, "chunks": 3, "tables_reused": 6, "tables_built": 0, "chunks_reused": 2}
     compare_outputs(mine(cfg), resumed)
 
 
@@ -265,3 +358,22 @@ def test_table_parquet_round_trip_and_corruption(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptTableError, match="t.parquet"):
         read_table_parquet(path, table.doc_ids)
+
+
+def test_shared_text_keys_flag_like_fresh_ones_and_hash_each_document_once(tiny_beir_dir, monkeypatch):
+    from nvr.mining import build
+
+    corpus = load_beir(tiny_beir_dir, "train").corpus
+    cand, pos = np.array([[0, 1, 2, -1], [2, 3, 4, 5]]), np.array([[1, -1], [5, -1]])
+    queries = [corpus.passage(2), corpus.texts[4]]  # row 0 asks doc 2's passage, row 1 doc 4's body
+    shared = TextKeys(corpus)
+    for rows in ([0], [1], [0, 1]):
+        fresh = mark_positives(cand[rows], pos[rows], corpus, [queries[r] for r in rows])
+        again = mark_positives(cand[rows], pos[rows], corpus, [queries[r] for r in rows], text_keys=shared)
+        np.testing.assert_array_equal(fresh, again)
+    assert again.tolist() == [[False, True, True, False], [False, False, True, True]]
+    assert int(shared.known.sum()) == 6
+    hashed: list[str] = []
+    monkeypatch.setattr(build, "text_key", lambda text: hashed.append(text) or "00" * 20)
+    mark_positives(cand, pos, corpus, queries, text_keys=shared)
+    assert hashed == queries  # the documents' keys came from the shared ones

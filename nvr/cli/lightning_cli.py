@@ -95,6 +95,8 @@ class NvrCLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer", default={}) or {}
         if trainer_cfg.get("precision") in (None, AUTO_PRECISION) and "precision" not in kwargs:
             kwargs["precision"] = resolve_trainer_precision(trainer_cfg.get("accelerator"))
+        else:
+            warn_emulated_bf16(kwargs.get("precision", trainer_cfg.get("precision")), trainer_cfg.get("accelerator"))
         configured = list(trainer_cfg.get("callbacks") or [])
         root = Path(trainer_cfg.get("default_root_dir") or ".")
         # checkpoint callbacks are also given to validate/test: they save nothing outside fit, and Lightning warns
@@ -149,6 +151,15 @@ def resolve_trainer_precision(accelerator: Any) -> str:
     then CPU)."""
     from nvr.utils.precision import bf16_supported
 
+    device = accelerator_device(accelerator)
+    precision = "bf16-mixed" if device in ("cpu", "cuda") and bf16_supported(device) else "32-true"
+    log.info("trainer.precision auto: %s on %s (set trainer.precision to override)", precision, device)
+    return precision
+
+
+def accelerator_device(accelerator: Any) -> str:
+    """The device type a ``trainer.accelerator`` value runs on; ``auto`` follows Lightning's choice (CUDA, then MPS,
+    then CPU)."""
     name = str(accelerator or "auto").lower() if isinstance(accelerator, str) or accelerator is None else \
         type(accelerator).__name__.lower().replace("accelerator", "")
     if name == "auto":
@@ -158,10 +169,23 @@ def resolve_trainer_precision(accelerator: Any) -> str:
             name = "mps"
         else:
             name = "cpu"
-    device = {"gpu": "cuda"}.get(name, name)
-    precision = "bf16-mixed" if device in ("cpu", "cuda") and bf16_supported(device) else "32-true"
-    log.info("trainer.precision auto: %s on %s (set trainer.precision to override)", precision, device)
-    return precision
+    return {"gpu": "cuda"}.get(name, name)
+
+
+def warn_emulated_bf16(precision: Any, accelerator: Any) -> bool:
+    """One warning when an explicit bf16 precision runs on a CPU without native bf16 (no ``avx512_bf16`` /
+    ``amx_bf16``): torch then takes a generic GEMM fallback, measured 7x slower than fp32 for a MiniLM-sized
+    ``linear`` on an AVX2-only EPYC (docs/benchmarks.md). Returns whether it warned."""
+    from nvr.utils.precision import bf16_supported
+
+    if not str(precision or "").startswith("bf16") or accelerator_device(accelerator) != "cpu":
+        return False
+    if bf16_supported("cpu"):
+        return False
+    log.warning("trainer.precision %s on a CPU without native bf16 (no avx512_bf16/amx_bf16 in /proc/cpuinfo): bf16 "
+                "matmuls run in a generic fallback, several times slower than fp32; use trainer.precision auto or "
+                "32-true", precision)
+    return True
 
 
 class LastCheckpoint(ModelCheckpoint):

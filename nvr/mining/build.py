@@ -58,6 +58,7 @@ def build_candidate_table(
     rows: Sequence[int] | np.ndarray | None = None,
     excluded: Mapping[str, Sequence[str]] | None = None,
     positive_slots: int | None = None,
+    text_keys: TextKeys | None = None,
 ) -> CandidateTable:
     """Top ``depth + max #positives`` candidates per query, with every candidate that must never be a negative
     flagged in ``cand_is_positive``: positives, their text duplicates, documents whose text equals the query's, and
@@ -67,7 +68,7 @@ def build_candidate_table(
     table's ``query_ids`` are then that subset, in that order. ``pos_scores`` are computed explicitly for every
     positive, whether or not it was retrieved. ``positive_slots`` fixes the room the width reserves for positives
     (default: the most positives of any of the rows), so a table of some rows (a streaming chunk) has exactly the
-    width of the table of all of them.
+    width of the table of all of them. ``text_keys``: see ``mark_positives``.
     """
     if depth <= 0:
         raise ValueError(f"depth must be > 0, got {depth}")
@@ -98,7 +99,8 @@ def build_candidate_table(
             pos_scores = np.zeros(pos_idx.shape, np.float32)
         table = CandidateTable(
             teacher=teacher.name, query_ids=ids, doc_ids=corpus.ids, cand_idx=idx, cand_scores=scores,
-            cand_is_positive=mark_positives(idx, pos_idx, corpus, texts, _pad_rows(ex_lists)), pos_idx=pos_idx,
+            cand_is_positive=mark_positives(idx, pos_idx, corpus, texts, _pad_rows(ex_lists), text_keys),
+            pos_idx=pos_idx,
             pos_scores=pos_scores,
         )
         log.info("teacher %s: %d queries x %d candidates in %.1fs", teacher.name, len(ids), k,
@@ -110,6 +112,23 @@ def build_candidate_table(
     key = table_fingerprint(teacher, ids, texts, pos_lists, corpus, depth, excluded=ex_lists,
                             width=None if slots == most_positives else k)
     return cached_or_built(Path(cache_dir) / "tables" / key, compute, f"teacher {teacher.name}")
+
+
+def candidate_table_key(
+    teacher: Teacher,
+    query_ids: Sequence[str],
+    query_texts: Sequence[str],
+    positives: Mapping[str, Sequence[str]],
+    corpus: Corpus,
+    depth: int,
+    excluded: Mapping[str, Sequence[str]] | None = None,
+) -> str:
+    """The ``cache_dir/tables`` key of the whole table ``build_candidate_table`` builds for these queries (every
+    row, default width), without building it: the streaming path keys its chunked table cache on it."""
+    excluded = excluded or {}
+    pos_lists = [_positive_rows(q, positives.get(q, ()), corpus) for q in query_ids]
+    ex_lists = [_positive_rows(q, excluded.get(q, ()), corpus) for q in query_ids]
+    return table_fingerprint(teacher, query_ids, query_texts, pos_lists, corpus, depth, excluded=ex_lists)
 
 
 def table_fingerprint(
@@ -139,19 +158,22 @@ def mark_positives(
     corpus: Corpus,
     query_texts: Sequence[str] | None = None,
     excluded_idx: np.ndarray | None = None,
+    text_keys: TextKeys | None = None,
 ) -> np.ndarray:
     """(Q, N) True where the candidate must never become a negative of its query.
 
     That is a positive (by row), a document with the same ``text_key`` as a positive, a document with the same
     ``text_key`` as the query itself (``query_texts``; sentence-transformers and FlagEmbedding exclude those too),
     or one of the query's ``excluded_idx`` rows (``-1`` pads), e.g. documents judged relevant below ``min_relevance``.
+    ``text_keys``: the documents' keys, shared across calls (a streaming run's chunks), else computed here.
     """
     flagged = np.zeros(cand_idx.shape, dtype=bool)
     if cand_idx.size == 0:
         return flagged
+    keys = TextKeys(corpus) if text_keys is None else text_keys
     pos_idx = _with_rows(pos_idx, cand_idx.shape[0])
     excluded_idx = _with_rows(excluded_idx, cand_idx.shape[0])
-    doc_key, key_ids = _doc_keys(corpus, cand_idx, pos_idx)
+    doc_key, passage_keys = keys.key_ids(cand_idx, pos_idx)
     cand_key = np.where(cand_idx >= 0, doc_key[np.maximum(cand_idx, 0)], -1)
     pos_key = np.where(pos_idx >= 0, doc_key[np.maximum(pos_idx, 0)], -2)
     for p in range(pos_idx.shape[1]):
@@ -160,26 +182,62 @@ def mark_positives(
     for e in range(excluded_idx.shape[1]):
         flagged |= (cand_idx == excluded_idx[:, e : e + 1]) & (excluded_idx[:, e : e + 1] >= 0)
     if query_texts is not None:
-        query_keys = [text_key(t) for t in query_texts]
-        query_key = np.array([key_ids.get(k, -3) for k in query_keys], dtype=np.int64)
-        flagged |= cand_key == query_key[:, None]
-        body_key, body_ids = _body_keys(corpus, cand_idx)  # "title text" differs, but the body is the query
+        query_digests = np.array([_digest(t) for t in query_texts], dtype=_DIGEST)
+        flagged |= cand_key == _lookup(passage_keys, query_digests)[:, None]
+        body_key, body_keys = keys.key_ids(cand_idx, body=True)  # "title text" differs, but the body is the query
         cand_body = np.where(cand_idx >= 0, body_key[np.maximum(cand_idx, 0)], -1)
-        query_body = np.array([body_ids.get(k, -3) for k in query_keys], dtype=np.int64)
-        flagged |= cand_body == query_body[:, None]
+        flagged |= cand_body == _lookup(body_keys, query_digests)[:, None]
     return flagged
 
 
-def _body_keys(corpus: Corpus, cand_idx: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
-    """Like ``_doc_keys`` over the body text alone (no title); docs with an empty body get ``-1``."""
-    docs = np.unique(cand_idx.ravel())
-    key_ids: dict[str, int] = {}
-    body_key = np.full(len(corpus), -1, dtype=np.int64)
-    for d in docs[docs >= 0]:
-        body = corpus.texts[int(d)]
-        if body.strip():
-            body_key[d] = key_ids.setdefault(text_key(body), len(key_ids))
-    return body_key, key_ids
+_DIGEST = "S20"
+"""A ``text_key`` as its 20 raw sha1 bytes (numpy compares fixed-size byte strings vectorized)."""
+
+
+def _digest(text: str) -> bytes:
+    return bytes.fromhex(text_key(text))
+
+
+def _lookup(sorted_keys: np.ndarray, digests: np.ndarray) -> np.ndarray:
+    """Index of each digest in ``sorted_keys`` (unique, sorted), ``-3`` where absent (never a doc's id)."""
+    if sorted_keys.size == 0:
+        return np.full(digests.shape, -3, dtype=np.int64)
+    at = np.minimum(np.searchsorted(sorted_keys, digests), sorted_keys.size - 1)
+    return np.where(sorted_keys[at] == digests, at, -3).astype(np.int64)
+
+
+class TextKeys:
+    """The ``text_key`` of corpus documents' passages ("title text") and bodies, each hashed once however many
+    tables ask: a streaming run's chunks name mostly the same documents (41 bytes per document)."""
+
+    def __init__(self, corpus: Corpus) -> None:
+        self.corpus = corpus
+        self.passage = np.zeros(len(corpus), dtype=_DIGEST)
+        self.body = np.zeros(len(corpus), dtype=_DIGEST)
+        self.has_body = np.zeros(len(corpus), dtype=bool)
+        self.known = np.zeros(len(corpus), dtype=bool)
+
+    def _fill(self, docs: np.ndarray) -> None:
+        for d in docs[~self.known[docs]].tolist():
+            self.passage[d] = _digest(self.corpus.passage(d))
+            body = self.corpus.texts[d]
+            self.has_body[d] = bool(body.strip())
+            if self.has_body[d]:
+                self.body[d] = _digest(body)
+        self.known[docs] = True
+
+    def key_ids(self, *idx_arrays: np.ndarray, body: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(key_id[D], keys)``: for every doc named in ``idx_arrays`` (``-1`` pads) the index of its passage (or,
+        with ``body``, body) key in the sorted unique ``keys``; ``-1`` for the others and for empty bodies."""
+        docs = np.unique(np.concatenate([a.ravel() for a in idx_arrays]))
+        docs = docs[docs >= 0]
+        self._fill(docs)
+        if body:
+            docs = docs[self.has_body[docs]]
+        keys, ids = np.unique((self.body if body else self.passage)[docs], return_inverse=True)
+        key_id = np.full(len(self.corpus), -1, dtype=np.int64)
+        key_id[docs] = ids.reshape(-1)
+        return key_id, keys
 
 
 def equals_query(corpus: Corpus, doc: int, query_key: str) -> bool:
@@ -229,16 +287,6 @@ def _with_rows(idx: np.ndarray | None, rows: int) -> np.ndarray:
     if idx is None or np.size(idx) == 0:
         return np.full((rows, 1), -1, dtype=np.int64)
     return np.asarray(idx, dtype=np.int64)
-
-
-def _doc_keys(corpus: Corpus, *idx_arrays: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
-    """``doc_key[row]`` = small int id of the doc's ``text_key`` for every doc named in ``idx_arrays`` (-1 else)."""
-    docs = np.unique(np.concatenate([a.ravel() for a in idx_arrays]))
-    key_ids: dict[str, int] = {}
-    doc_key = np.full(len(corpus), -1, dtype=np.int64)
-    for d in docs[docs >= 0]:
-        doc_key[d] = key_ids.setdefault(text_key(corpus.passage(int(d))), len(key_ids))
-    return doc_key, key_ids
 
 
 def _positive_rows(qid: str, doc_ids: Sequence[str], corpus: Corpus) -> list[int]:

@@ -51,7 +51,7 @@ from nvr.data.beir import (
 from nvr.data.corpus_file import load_corpus_file
 from nvr.data.pairs import read_pairs
 from nvr.mining.audit import write_audit
-from nvr.mining.build import build_candidate_table, exclusion_reasons
+from nvr.mining.build import TextKeys, build_candidate_table, exclusion_reasons
 from nvr.mining.calibrate import effective_filters
 from nvr.mining.ensembles import cross_sample, intra_sample, per_teacher_selections
 from nvr.mining.filters import FilterResult, Reason, apply_filter
@@ -267,17 +267,18 @@ def make_teacher(cfg: TeacherConfig, cache_dir: str | Path, seed: int | None = N
 
 def build_tables(
     cfg: MineConfig, teachers: Sequence[Any], data: MiningData, depth: int, rows: np.ndarray | None = None,
-    cache: bool = True, positive_slots: int | None = None,
+    cache: bool = True, positive_slots: int | None = None, text_keys: TextKeys | None = None,
 ) -> list[CandidateTable]:
     """One candidate table per teacher (cached by ``build`` unless ``cache`` is False: streaming keeps its chunks
-    in its own work folder), rescored by the cross-encoder when configured. ``positive_slots``: see
-    ``build_candidate_table``."""
+    in its own chunked cache), rescored by the cross-encoder when configured. ``positive_slots``, ``text_keys``:
+    see ``build_candidate_table``."""
     ids, texts = data.queries.ids, data.queries.texts
     Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)  # first, so model fingerprints are memoized on a cold run
     tables = [
         build_candidate_table(
             teacher, ids, texts, data.positives, data.corpus, depth, cfg.search_memory_mb,
             cfg.cache_dir if cache else None, rows, excluded=data.excluded, positive_slots=positive_slots,
+            text_keys=text_keys,
         )
         for teacher in teachers
     ]
@@ -642,7 +643,8 @@ def mine(cfg: MineConfig) -> Path:
 
             with teacher_key_scope(run_cfg):
                 written = mine_streaming(run_cfg, out, started)
-            log.info("mined %d queries -> %s", written, out)
+            if writer:  # other torchrun ranks only helped encode and search
+                log.info("mined %d queries -> %s", written, out)
             return out
         with teacher_key_scope(run_cfg):
             res = run_mining(run_cfg)

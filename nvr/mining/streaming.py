@@ -1,27 +1,36 @@
 """Streaming mining (``stream_chunk_queries``): host RAM bounded by one query chunk, resumable after ``kill -9``.
 
 The in-memory path (``pipeline.run_mining``) holds every teacher's whole ``(Q, depth)`` candidate table. Here the
-queries are cut into chunks of ``stream_chunk_queries`` rows (file order) and the work is done in passes over them,
-each chunk's result saved atomically with a checksum in a work folder ``cache_dir/stream/<fingerprint>/`` (the
-mined set's content address, so only the same job resumes there):
+queries are cut into chunks of ``stream_chunk_queries`` rows (file order) and the work is done in passes over them:
 
-1. **tables**: per chunk, each teacher's candidate table of the chunk's rows (``tables-<chunk>-<teacher>.parquet``).
-   Dense teachers encode all queries (and the corpus) once through the embedding cache, memory-mapped, and every
-   chunk searches with its rows of those embeddings, so its scores are the in-memory run's bit for bit.
+1. **tables**: per chunk, each teacher's candidate table of the chunk's rows, in the chunked table cache
+   ``cache_dir/tables/<table key>-chunks<N>/chunk-<chunk>.parquet`` (atomic, sha256 sidecar). ``<table key>`` is
+   the key the in-memory run caches that teacher's whole table under (``build.candidate_table_key``: teacher
+   settings and weights, queries, positives, corpus, depth, exclusion rules; hashed with the cross-encoder's
+   fingerprint when one rescores), ``N`` the chunk size. It is kept after the run, like the in-memory table cache,
+   so another filter, sampler or ensemble over the same teachers searches nothing. Dense teachers encode all
+   queries (and the corpus) once through the embedding cache, memory-mapped, and every chunk searches with its
+   rows of those embeddings, so its scores are the in-memory run's bit for bit.
 2. **calibration** (``filter.calibrate`` only): the parameter is chosen on every query's positive scores, read back
    from the chunk tables (``(Q, P)``, small), exactly as on the whole table.
 3. **widening plan**: the rows whose selection is starved (``max_depth``), over all chunks (``widen.npy``): the
    deep tables reserve room for the most positives of *those* rows, as the in-memory deep table does.
-4. **chunks**: per chunk filter, select, widen its starved rows, and save its ``mined.jsonl`` lines
-   (``mined-<chunk>.jsonl``) and report parts (``part-<chunk>.npz``: counts and per-query values,
-   ``report.report_parts``).
+4. **chunks**: per chunk filter, select, widen its starved rows (deep tables are searched, not cached: they depend
+   on the filter), and save its ``mined.jsonl`` lines (``mined-<chunk>.jsonl``) and report parts
+   (``part-<chunk>.npz``: counts and per-query values, ``report.report_parts``).
 
-A re-run reuses every file that verifies (a corrupted one is recomputed with a warning) and logs how many. The
-output folder (atomic, as in memory) gets ``mined.jsonl`` concatenated chunk by chunk, ``manifest.json`` (byte-
-identical to the in-memory run's), ``report.json`` (the same numbers, from the combined parts, plus a ``stream``
-section), ``report.png`` and ``candidates/<teacher>.parquet`` (the shallow candidate table, one row group per
-chunk). The work folder is removed once the output is in place. The candidate-table cache (``cache_dir/tables``)
-is not used: the work folder holds the chunk tables instead.
+Passes 2-4 write into a work folder ``cache_dir/stream/<fingerprint>/`` (the mined set's content address, so only
+the same job resumes there). A re-run reuses every file that verifies (a corrupted one is recomputed with a
+warning) and logs how many; each file is verified once per run (later passes trust it). The output folder (atomic,
+as in memory) gets ``mined.jsonl`` concatenated chunk by chunk, ``manifest.json`` (byte-identical to the in-memory
+run's), ``report.json`` (the same numbers, from the combined parts, plus a ``stream`` section), ``report.png`` and
+``candidates/<teacher>.parquet`` (the shallow candidate table, one row group per chunk). The work folder is removed
+once the output is in place; the chunk tables stay.
+
+Under torchrun every rank runs the collective parts (encoding its shards, the sharded search of each chunk, the
+deep searches) and rank 0 alone reads and writes the files: it decides which chunk tables and chunks are missing
+and broadcasts that (and the widening plan), so the ranks make the same collective calls in the same order and
+the output is the one process's byte for byte.
 """
 
 from __future__ import annotations
@@ -33,13 +42,14 @@ import logging
 import re
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from nvr.config.mining import MineConfig
+from nvr.mining.build import TextKeys, candidate_table_key
 from nvr.mining.calibrate import effective_filters, resolve_filters
 from nvr.mining.mined_set import MANIFEST_FILE, MINED_FILE
 from nvr.mining.pipeline import (
@@ -78,14 +88,15 @@ from nvr.mining.report import (
 )
 from nvr.search.table import CandidateTable, CorruptTableError, read_table_parquet, write_table_parquet
 from nvr.utils.atomic import atomic_dir, atomic_file
-from nvr.utils.checksum import checksummed_file, verify_sidecar
+from nvr.utils.checksum import checksummed_file, sidecar, verify_sidecar
 from nvr.utils.distributed import dist_rank_world
-from nvr.utils.errors import ConfigError
+from nvr.utils.hashing import sha256_json
 from nvr.utils.locking import exclusive_lock
 
 log = logging.getLogger(__name__)
 
-STREAM_FORMAT = "nvr-stream/1"
+STREAM_FORMAT = "nvr-stream/2"
+"""2: the chunk tables live in the table cache, not the work folder (a /1 folder is cleared on resume)."""
 _SELECTION_COUNTS = "count.selection."
 _EXCLUDED_COUNTS = "count.excluded."
 _NEGATIVES = "count.negatives_written.sum"
@@ -93,66 +104,141 @@ _NEGATIVES = "count.negatives_written.sum"
 
 @dataclass
 class StreamRun:
-    """One streaming job: its config, data, teachers, chunks (global row indices) and work folder."""
+    """One streaming job: its config, data, teachers, chunks (global row indices), the mined-set work folder and
+    each teacher's chunked table cache entry (both None / empty on torchrun ranks other than 0)."""
 
     cfg: MineConfig
     data: MiningData
     teachers: list[Any]
     chunks: list[np.ndarray]
-    work: Path
+    work: Path | None
+    table_dirs: list[Path]
     stats: dict[str, int]
+    rank: int = 0
+    world: int = 1
+    verified: set[Path] = field(default_factory=set)
+    """Files verified (or written) in this run: later passes read them without hashing them again."""
+    text_keys: TextKeys | None = None
+    """The corpus documents' text keys, hashed once for all chunks (duplicate and query-text flags)."""
+
+    def __post_init__(self) -> None:
+        if self.text_keys is None:
+            self.text_keys = TextKeys(self.data.corpus)
 
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.teachers]
 
+    @property
+    def writer(self) -> bool:
+        return self.rank == 0
+
     def table_path(self, chunk: int, teacher: int) -> Path:
-        return self.work / f"tables-{chunk:06d}-{teacher}.parquet"
+        return self.table_dirs[teacher] / f"chunk-{chunk:06d}.parquet"
+
+    def check(self, path: Path) -> str | None:
+        """None when ``path`` matches its sidecar (hashed once per run), else the problem."""
+        if path in self.verified:
+            return None
+        problem = verify_sidecar(path)
+        if problem is None:
+            self.verified.add(path)
+        return problem
 
     def load_tables(self, chunk: int, columns: list[str] | None = None) -> list[CandidateTable]:
         ids = self.data.corpus.ids
-        return [read_table_parquet(self.table_path(chunk, t), ids, columns) for t in range(len(self.teachers))]
+        tables = []
+        for t in range(len(self.teachers)):
+            path = self.table_path(chunk, t)
+            problem = self.check(path)
+            if problem is not None:
+                raise CorruptTableError(f"{path}: {problem} (changed while mining; re-run to recompute it)")
+            tables.append(read_table_parquet(path, ids, columns, verify=False))
+        return tables
+
+    def shared(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (rank 0 alone sees the files, so it decides what is left to do)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 def mine_streaming(cfg: MineConfig, out: Path, started: float) -> int:
-    """Mine ``cfg`` chunk by chunk into the output folder ``out`` (see the module doc); returns the rows written."""
-    if dist_rank_world()[1] > 1:
-        raise ConfigError("stream_chunk_queries", "not supported under torchrun (one process writes and resumes "
-                                                  "the chunks); unset it or run a single process")
+    """Mine ``cfg`` chunk by chunk into the output folder ``out`` (see the module doc); returns the rows written
+    (0 on a torchrun rank other than 0: it only helps encode and search)."""
+    rank, world = _process_group()
     check_selection_config(cfg)
     data = load_data(cfg.data)
     check_feasible(cfg, data)
     teachers = [make_teacher(t, cfg.cache_dir, cfg.seed) for t in cfg.teachers]
-    records = teacher_records(teachers, cfg.teachers)
-    fingerprint = mining_fingerprint(cfg, mining_inputs(cfg, records))
     size = int(cfg.stream_chunk_queries or 0)
     num_queries = len(data.queries)
     chunks = [np.arange(s, min(s + size, num_queries), dtype=np.int64) for s in range(0, num_queries, size)]
+    stats = {"chunks": len(chunks), "tables_reused": 0, "tables_built": 0, "chunks_reused": 0}
+    if rank != 0:
+        return _run(StreamRun(cfg, data, teachers, chunks, None, [], stats, rank, world), [], out, started)
+    records = teacher_records(teachers, cfg.teachers)
+    inputs = mining_inputs(cfg, records)
+    fingerprint = mining_fingerprint(cfg, inputs)
+    table_dirs = _table_dirs(cfg, data, teachers, size, inputs["cross_encoder"])
     work = Path(cfg.cache_dir) / "stream" / fingerprint
     with exclusive_lock(work, what="streaming work folder"):
         _open_work(work, {"format": STREAM_FORMAT, "fingerprint": fingerprint, "chunk_queries": size,
                           "num_queries": num_queries, "teachers": [t.name for t in teachers]})
-        run = StreamRun(cfg, data, teachers, chunks, work, {"chunks": len(chunks), "tables_reused": 0,
-                                                             "chunks_reused": 0})
+        run = StreamRun(cfg, data, teachers, chunks, work, table_dirs, stats, rank, world)
         written = _run(run, records, out, started)
-        shutil.rmtree(work, ignore_errors=True)  # the output holds the result (and the candidate tables)
+        shutil.rmtree(work, ignore_errors=True)  # the output holds the result; the chunk tables stay cached
     return written
 
 
+def _process_group() -> tuple[int, int]:
+    """(rank, world); under torchrun the process group the ranks agree through (gloo, created here if needed)."""
+    rank, world = dist_rank_world()
+    if world > 1:
+        from nvr.utils.distributed import ensure_process_group
+
+        if ensure_process_group() != world:
+            raise RuntimeError(f"streaming under torchrun: WORLD_SIZE={world} but no process group of that size "
+                               "(MASTER_ADDR unset?)")
+    return rank, world
+
+
+def _table_dirs(cfg: MineConfig, data: MiningData, teachers: Sequence[Any], size: int,
+                cross_encoder: str | None) -> list[Path]:
+    """Per teacher, its chunked table cache entry ``cache_dir/tables/<table key>-chunks<size>``."""
+    root = Path(cfg.cache_dir) / "tables"
+    dirs = []
+    for teacher in teachers:
+        key = candidate_table_key(teacher, data.queries.ids, data.queries.texts, data.positives, data.corpus,
+                                  cfg.depth, data.excluded)
+        if cross_encoder is not None:  # the chunks are stored rescored
+            key = sha256_json({"table": key, "cross_encoder": cross_encoder})[:40]
+        dirs.append(root / f"{key}-chunks{size}")
+    return dirs
+
+
 def _run(run: StreamRun, records: list[dict[str, str]], out: Path, started: float) -> int:
+    """The passes; every collective step (encoding, searching) runs on every rank in the same order."""
     cfg, data = run.cfg, run.data
     slots = _most_positives(data, range(len(data.queries)))
     views = QueryRows(run.teachers, data, list(data.queries.ids))
-    for i in range(len(run.chunks)):
-        _ensure_tables(run, views, i, slots)
-    resolved = _resolve_filters(run)
-    widen = _widen_plan(run, resolved)
+    _ensure_tables(run, views, slots)
+    resolved = _resolve_filters(run) if run.writer else []
+    widen = run.shared(_widen_plan(run, resolved) if run.writer else None)
     deep = QueryRows(run.teachers, data, [data.queries.ids[r] for r in widen]) if widen.size else None
     deep_slots = _most_positives(data, widen)
-    for i in range(len(run.chunks)):
+    todo = run.shared([i for i in range(len(run.chunks)) if not _chunk_done(run, i)] if run.writer else None)
+    for i in todo:
         _ensure_chunk(run, resolved, widen, deep, deep_slots, i)
-    log.info("streaming: %d chunks; reused %d finished chunks and %d chunk tables from %s", len(run.chunks),
-             run.stats["chunks_reused"], run.stats["tables_reused"], run.work)
+    if not run.writer:
+        return 0
+    log.info("streaming: %d chunks; reused %d finished chunks from %s and %d chunk tables (built %d) from %s",
+             len(run.chunks), run.stats["chunks_reused"], run.work, run.stats["tables_reused"],
+             run.stats["tables_built"], ", ".join(str(d) for d in run.table_dirs))
     parts = combine_parts([_load_part(run, i) for i in range(len(run.chunks))])
     counts = _counts(parts, data)
     if counts["written"] == 0:
@@ -166,7 +252,8 @@ def _run(run: StreamRun, records: list[dict[str, str]], out: Path, started: floa
         candidates = _write_candidates(run, tmp / "candidates")
         extra = report_extra(cfg, counts, int(parts[_NEGATIVES]), started)
         report = report_from_parts(parts, run.names, filters, extra)
-        report["stream"] = {**run.stats, "chunk_queries": cfg.stream_chunk_queries, "candidates": candidates}
+        report["stream"] = {**run.stats, "chunk_queries": cfg.stream_chunk_queries, "candidates": candidates,
+                            "table_cache": {n: str(d) for n, d in zip(run.names, run.table_dirs)}}
         with atomic_file(tmp / "report.json") as fh:
             json.dump(report, fh, indent=2)
             fh.write("\n")
@@ -241,21 +328,39 @@ def _with_query_rows(teacher: Any, embeddings: Any, positions: np.ndarray) -> An
     return view
 
 
-def _ensure_tables(run: StreamRun, views: QueryRows, chunk: int, slots: int) -> None:
-    """Pass 1 for one chunk: its candidate tables, reused when every teacher's file verifies."""
-    try:
-        run.load_tables(chunk, columns=[])
-        run.stats["tables_reused"] += 1
-        return
-    except CorruptTableError as err:
-        if any(run.table_path(chunk, t).exists() for t in range(len(run.teachers))):
-            log.warning("streaming chunk %d: %s; recomputing it", chunk, err)
-    rows = run.chunks[chunk]
-    teachers = views.for_rows([run.data.queries.ids[r] for r in rows])
-    tables = build_tables(run.cfg, teachers, run.data, run.cfg.depth, rows, cache=False, positive_slots=slots)
-    for t, table in enumerate(tables):
-        write_table_parquet(table, run.table_path(chunk, t))
-    chunk_saved("tables", chunk)
+def _ensure_tables(run: StreamRun, views: QueryRows, slots: int) -> None:
+    """Pass 1: every chunk's candidate tables; only the (chunk, teacher) tables missing from the cache are built."""
+    missing = run.shared([_missing_tables(run, i) for i in range(len(run.chunks))] if run.writer else None)
+    for chunk, wanted in enumerate(missing):
+        if not wanted:
+            continue
+        rows = run.chunks[chunk]
+        teachers = views.for_rows([run.data.queries.ids[r] for r in rows])
+        tables = build_tables(run.cfg, [teachers[t] for t in wanted], run.data, run.cfg.depth, rows, cache=False,
+                              positive_slots=slots, text_keys=run.text_keys)
+        if not run.writer:
+            continue
+        for t, table in zip(wanted, tables):
+            path = run.table_path(chunk, t)
+            write_table_parquet(table, path)
+            run.verified.add(path)
+        run.stats["tables_built"] += len(wanted)
+        chunk_saved("tables", chunk)
+
+
+def _missing_tables(run: StreamRun, chunk: int) -> list[int]:
+    """The teachers whose table of ``chunk`` is not in the cache (or does not verify: warned and rebuilt)."""
+    missing = []
+    for t in range(len(run.teachers)):
+        path = run.table_path(chunk, t)
+        problem = run.check(path)
+        if problem is None:
+            run.stats["tables_reused"] += 1
+            continue
+        if path.exists() or sidecar(path).exists():
+            log.warning("streaming chunk %d: %s: %s; recomputing it", chunk, path, problem)
+        missing.append(t)
+    return missing
 
 
 def _resolve_filters(run: StreamRun) -> list[tuple[Any, dict[str, Any]]]:
@@ -296,6 +401,7 @@ def _can_widen(run: StreamRun, tables: Sequence[CandidateTable]) -> bool:
 
 def _widen_plan(run: StreamRun, resolved: Sequence[tuple[Any, dict[str, Any]]]) -> np.ndarray:
     """Pass 3: global rows to re-build at ``max_depth`` (saved as ``widen.npy``; reused when it verifies)."""
+    assert run.work is not None, "only rank 0 has the work folder"
     path = run.work / "widen.npy"
     if path.exists():
         problem = verify_sidecar(path)
@@ -318,34 +424,54 @@ def _widen_plan(run: StreamRun, resolved: Sequence[tuple[Any, dict[str, Any]]]) 
 
 
 def _chunk_files(run: StreamRun, chunk: int) -> tuple[Path, Path]:
+    assert run.work is not None, "only rank 0 has the work folder"
     return run.work / f"part-{chunk:06d}.npz", run.work / f"mined-{chunk:06d}.jsonl"
+
+
+def _chunk_done(run: StreamRun, chunk: int) -> bool:
+    """True when the chunk's report parts and mined lines from an earlier run verify (counted as reused)."""
+    part, mined = _chunk_files(run, chunk)
+    problems = [f"{path}: {problem}" for path in (part, mined) if (problem := run.check(path)) is not None]
+    if not problems:
+        run.stats["chunks_reused"] += 1
+        return True
+    if part.exists() or mined.exists():
+        log.warning("streaming chunk %d: %s; recomputing it", chunk, problems[0])
+    return False
+
+
+def _deep_tables(run: StreamRun, deep: QueryRows | None, rows: np.ndarray, slots: int) -> list[CandidateTable]:
+    """The ``max_depth`` tables of the widened ``rows`` (a collective search under torchrun)."""
+    if deep is None:
+        raise RuntimeError("streaming: rows to widen but no encoding of the widened queries")
+    ids = [run.data.queries.ids[r] for r in rows]
+    return build_tables(run.cfg, deep.for_rows(ids), run.data, run.cfg.max_depth, rows, cache=False,
+                        positive_slots=slots, text_keys=run.text_keys)
 
 
 def _ensure_chunk(
     run: StreamRun, resolved: Sequence[tuple[Any, dict[str, Any]]], widen: np.ndarray, deep: QueryRows | None,
     deep_slots: int, chunk: int,
 ) -> None:
-    """Pass 4 for one chunk: filter, select, widen, and save its mined lines and report parts."""
-    part, mined = _chunk_files(run, chunk)
-    problems = [f"{path}: {problem}" for path in (part, mined) if (problem := verify_sidecar(path)) is not None]
-    if not problems:
-        run.stats["chunks_reused"] += 1
+    """Pass 4 for one chunk: filter, select, widen, and save its mined lines and report parts. Other ranks only
+    join the deep search of the chunk's rows in the widening plan (the same rows rank 0 finds starved)."""
+    rows = run.chunks[chunk]
+    deep_rows = rows[np.isin(rows, widen)]
+    if not run.writer:
+        if deep_rows.size:
+            _deep_tables(run, deep, deep_rows, deep_slots)
         return
-    if part.exists() or mined.exists():
-        log.warning("streaming chunk %d: %s; recomputing it", chunk, problems[0])
     cfg, data = run.cfg, run.data
     tables, results, selection, per_teacher = _chunk_selection(run, resolved, chunk)
-    rows = run.chunks[chunk]
     short = np.flatnonzero(selection.starved)
     was_short = selection.short.copy()
+    expected = rows[short] if short.size and _can_widen(run, tables) else rows[:0]
+    if not np.array_equal(expected, deep_rows):
+        raise RuntimeError(f"streaming chunk {chunk}: starved rows differ from the widening plan")
     deep_tables: list[CandidateTable] = []
     deep_results: list[Any] = []
-    if short.size and _can_widen(run, tables):
-        if deep is None or not np.isin(rows[short], widen).all():
-            raise RuntimeError(f"streaming chunk {chunk}: starved rows differ from the widening plan")
-        ids = [data.queries.ids[r] for r in rows[short]]
-        deep_tables = build_tables(cfg, deep.for_rows(ids), data, cfg.max_depth, rows[short], cache=False,
-                                   positive_slots=deep_slots)
+    if deep_rows.size:
+        deep_tables = _deep_tables(run, deep, deep_rows, deep_slots)
         deep_results = apply_filters(deep_tables, resolved, data)
         deep_sel, deep_per = select_negatives(cfg, deep_tables, deep_results)
         selection = selection.replace_rows(short, deep_sel)
@@ -360,11 +486,13 @@ def _ensure_chunk(
     arrays[_NEGATIVES] = np.int64(negatives_written(selection, kept))
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
+    part, mined = _chunk_files(run, chunk)
     with checksummed_file(part) as fh:
         fh.write(buffer.getvalue())
     with checksummed_file(mined) as fh:
         for line in mined_lines(res):
             fh.write(line)
+    run.verified.update((part, mined))
     chunk_saved("chunk", chunk)
 
 
@@ -376,7 +504,7 @@ def chunk_saved(phase: str, chunk: int) -> None:
 
 def _load_part(run: StreamRun, chunk: int) -> dict[str, np.ndarray]:
     part, _ = _chunk_files(run, chunk)
-    problem = verify_sidecar(part)
+    problem = run.check(part)
     if problem is not None:
         raise RuntimeError(f"{part}: {problem} (changed while mining; re-run to recompute it)")
     with np.load(part, allow_pickle=False) as npz:
@@ -392,10 +520,10 @@ def _counts(parts: dict[str, np.ndarray], data: MiningData) -> dict[str, int]:
 
 
 def _chunk_lines(run: StreamRun) -> Iterator[bytes]:
-    """Every chunk's mined lines in row order, each chunk file checked against its sidecar first."""
+    """Every chunk's mined lines in row order (each file verified once in this run)."""
     for i in range(len(run.chunks)):
         _, mined = _chunk_files(run, i)
-        problem = verify_sidecar(mined)
+        problem = run.check(mined)
         if problem is not None:
             raise RuntimeError(f"{mined}: {problem} (changed while mining; re-run to recompute it)")
         with open(mined, "rb") as fh:
@@ -403,11 +531,9 @@ def _chunk_lines(run: StreamRun) -> Iterator[bytes]:
 
 
 def _write_candidates(run: StreamRun, folder: Path) -> dict[str, str]:
-    """``candidates/<teacher>.parquet``: each teacher's shallow table, one row group per chunk (one chunk in RAM
-    at a time). Returns teacher -> file name inside the output folder."""
+    """``candidates/<teacher>.parquet``: each teacher's shallow table, one row group per chunk, copied from the
+    verified chunk tables as Arrow (one chunk in RAM at a time). Returns teacher -> file name in the output."""
     import pyarrow.parquet as pq
-
-    from nvr.search.table import table_to_arrow
 
     folder.mkdir(parents=True, exist_ok=True)  # inside the output's temporary folder: renamed with it
     names: dict[str, str] = {}
@@ -415,7 +541,11 @@ def _write_candidates(run: StreamRun, folder: Path) -> dict[str, str]:
         file = folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.parquet"
         writer = None
         for i in range(len(run.chunks)):
-            arrow = table_to_arrow(read_table_parquet(run.table_path(i, t), run.data.corpus.ids))
+            path = run.table_path(i, t)
+            problem = run.check(path)
+            if problem is not None:
+                raise RuntimeError(f"{path}: {problem} (changed while mining; re-run to recompute it)")
+            arrow = pq.read_table(path)
             if writer is None:
                 writer = pq.ParquetWriter(str(file), arrow.schema, compression="zstd")
             writer.write_table(arrow)

@@ -224,16 +224,18 @@ def write_table_parquet(table: CandidateTable, path: str | Path) -> None:
         fh.write(buffer.getvalue().to_pybytes())
 
 
-def read_table_parquet(path: str | Path, doc_ids: list[str], columns: list[str] | None = None) -> CandidateTable:
-    """A table written by :func:`write_table_parquet`, checked against its sidecar first
-    (:class:`CorruptTableError` naming the file when it does not match or cannot be read). ``columns``: read only
-    those array columns (the others come back with width 0; the cand_* columns go together), e.g. the positives'
-    scores for calibration."""
+def read_table_parquet(
+    path: str | Path, doc_ids: list[str], columns: list[str] | None = None, verify: bool = True
+) -> CandidateTable:
+    """A table written by :func:`write_table_parquet`, checked against its sidecar first unless ``verify`` is False
+    (a caller that verified the file earlier in the same run; :class:`CorruptTableError` naming the file when it
+    does not match or cannot be read). ``columns``: read only those array columns (the others come back with width
+    0; the cand_* columns go together), e.g. the positives' scores for calibration."""
     import pyarrow.parquet as pq
 
     from nvr.utils.checksum import verify_sidecar
 
-    problem = verify_sidecar(path)
+    problem = verify_sidecar(path) if verify else None
     if problem is not None:
         raise CorruptTableError(f"{path}: {problem}")
     try:
