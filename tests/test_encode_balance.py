@@ -1,11 +1,12 @@
-"""Encoding across ranks is balanced by token count (characters as the proxy), not text count; the embeddings do
-not depend on who computed them."""
+"""Encoding across ranks is balanced by token count (the teacher's tokenizer; characters without one), not text
+count; the embeddings do not depend on who computed them."""
 
 from __future__ import annotations
 
 import threading
 
 import numpy as np
+import pytest
 
 from nvr.teachers.cache import EmbeddingCache, shard_owners
 
@@ -66,3 +67,32 @@ def test_balanced_ranks_give_the_one_process_array(tmp_path) -> None:
     np.testing.assert_array_equal(results[1], single)
     owners = shard_owners(texts, 4, 2)
     assert len(seen[1]) == owners.count(1) and sum(seen[0]) + sum(seen[1]) == sum(len(t) + 1 for t in texts)
+
+
+def test_text_cost_decides_the_balance_not_characters() -> None:
+    texts = ["x" * 10] * 40  # equal characters: round robin by characters
+    tokens = [50 if i < 5 else 1 for i in range(40)]  # but the first shard is long in tokens
+    assert shard_owners(texts, 5, 2) == [0, 1] * 4
+    assert shard_owners(texts, 5, 2, text_cost=lambda ts: tokens) == [0] + [1] * 7  # 250 tokens vs 7 x 5
+    with pytest.raises(ValueError, match="costs for 40 texts"):
+        shard_owners(texts, 5, 2, text_cost=lambda ts: [1])
+
+
+def test_dense_teacher_balances_by_its_tokenizer(tiny_bert_dir, tmp_path, monkeypatch) -> None:
+    from nvr.config.mining import TeacherConfig
+    from nvr.modeling.encode import token_lengths
+    from nvr.teachers.dense import DenseTeacher
+
+    teacher = DenseTeacher(TeacherConfig(name="t", model_name_or_path=str(tiny_bert_dir), device="cpu",
+                                         dtype="float32", passage_max_length=8, passage_prefix="p: "), tmp_path)
+    seen = {}
+    real = EmbeddingCache.get_or_encode
+
+    def spy(self, key, texts, encode_fn, *args, text_cost=None, **kwargs):
+        seen["cost"] = text_cost(texts)
+        return real(self, key, texts, encode_fn, *args, text_cost=text_cost, **kwargs)
+
+    monkeypatch.setattr(EmbeddingCache, "get_or_encode", spy)
+    texts = ["short", "a much longer passage that the max length truncates at eight tokens"]
+    teacher.encode_passages(texts)
+    assert seen["cost"] == token_lengths(teacher.embedder, texts, "p: ", 8) and seen["cost"][1] == 8

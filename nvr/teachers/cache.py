@@ -6,7 +6,7 @@ complete (shards are removed after assembly). Every ``.npy`` is written atomical
 truncated, overwritten with garbage or has no checksum is recomputed with a one-line warning naming it, never used.
 A killed run resumes from its finished shards; the temp files a killed single-process run leaves behind are deleted
 when a run resumes. Under torchrun each rank encodes the shards :func:`shard_owners` gives it (balanced by
-characters, a token-count proxy, not by text count); rank 0 assembles and the
+token count, not by text count); rank 0 assembles and the
 other ranks wait for the (verified) assembled file, so the result is the same array for any world size.
 
 Within one process, a file that verified is not hashed again while its identity and its sidecar's (inode, size,
@@ -177,9 +177,11 @@ class EmbeddingCache:
         rank: int = 0,
         world_size: int = 1,
         dtype: str = "float32",
+        text_cost: TextCost | None = None,
     ) -> np.ndarray:
         """``[N, H]`` embeddings of ``texts`` (a read-only memmap, or :class:`Bfloat16Rows` for ``dtype:
-        bfloat16``) stored in ``dtype``, encoding only the missing shards.
+        bfloat16``) stored in ``dtype``, encoding only the missing shards (``text_cost``: see
+        :func:`shard_owners`; only called with ``world_size > 1``).
 
         ``encode_fn(list_of_texts) -> [n, H]`` is called once per missing (or corrupted) shard owned by this rank.
         An empty ``texts`` gives a ``(0, 0)`` array without calling ``encode_fn``. ``shard_size`` applies to a new
@@ -193,7 +195,7 @@ class EmbeddingCache:
         if len(texts) == 0:
             return np.zeros((0, 0), dtype=np.float32)
         return self._get_or_compute(key, texts, lambda a, b: encode_fn(list(texts[a:b])), shard_size, rank,
-                                    world_size, dtype)
+                                    world_size, dtype, text_cost)
 
     def get(self, key: str, texts: Sequence[str], dtype: str = "float32") -> np.ndarray | None:
         """The finished, verified ``[N, H]`` embeddings of ``(key, texts)``, or None (nothing is encoded)."""
@@ -214,12 +216,12 @@ class EmbeddingCache:
 
     # ------------------------------------------------------------------------------------------------ internals
     def _get_or_compute(self, key: str, texts: Sequence[str], rows_fn: RowsFn, shard_size: int, rank: int,
-                        world_size: int, dtype: str = "float32"):
+                        world_size: int, dtype: str = "float32", text_cost: TextCost | None = None):
         """:meth:`get_or_encode` with ``rows_fn(start, stop)`` giving the rows of ``texts[start:stop]``."""
-        return from_storage(self._stored(key, texts, rows_fn, shard_size, rank, world_size, dtype), dtype)
+        return from_storage(self._stored(key, texts, rows_fn, shard_size, rank, world_size, dtype, text_cost), dtype)
 
     def _stored(self, key: str, texts: Sequence[str], rows_fn: RowsFn, shard_size: int, rank: int,
-                world_size: int, dtype: str) -> np.ndarray:
+                world_size: int, dtype: str, text_cost: TextCost | None = None) -> np.ndarray:
         """The assembled file's array in its storage dtype (see :meth:`_get_or_compute`)."""
         folder = self.folder(key, texts, dtype)
         final = folder / _FINAL
@@ -233,7 +235,7 @@ class EmbeddingCache:
         shard_size = self._write_manifest(folder, key, texts, shard_size)
         n_shards = -(-len(texts) // shard_size)
         seen = _stat_pair(final)
-        owners = shard_owners(texts, shard_size, world_size)
+        owners = shard_owners(texts, shard_size, world_size, text_cost)
         mine = [i for i in range(n_shards) if owners[i] == rank]
         started, done = time.monotonic(), 0
         for i in mine:
@@ -362,21 +364,35 @@ class EmbeddingCache:
             remove_with_sidecar(folder / _shard_name(i))
 
 
-def shard_owners(texts: Sequence[str], shard_size: int, world_size: int) -> list[int]:
+TextCost = Callable[[Sequence[str]], Sequence[int]]
+"""Work of each text (e.g. its token count after truncation, what its encoder forward costs)."""
+
+
+def char_costs(texts: Sequence[str]) -> list[int]:
+    """Characters + 1 per text: the tokenizer-free proxy of tokens."""
+    return [len(t) + 1 for t in texts]
+
+
+def shard_owners(texts: Sequence[str], shard_size: int, world_size: int,
+                 text_cost: TextCost | None = None) -> list[int]:
     """Rank that encodes each shard, balancing the ranks by token count rather than text count: shards are taken
     in order and each goes to the rank with the least work so far (ties: lowest rank), the work of a shard being
-    its characters (+1 per text), a tokenizer-free proxy of its tokens. The busiest rank ends at most one shard's
-    work above the idlest (list scheduling); equal shards give round robin. A pure function of the texts (the same
-    on every rank) that never changes the embeddings, only who computes them."""
+    the sum of ``text_cost`` over its texts (a dense teacher passes its tokenizer's truncated token counts; default
+    :func:`char_costs`). The busiest rank ends at most one shard's work above the idlest (list scheduling); equal
+    shards give round robin. A pure function of the texts (the same on every rank) that never changes the
+    embeddings, only who computes them."""
     n_shards = -(-len(texts) // shard_size)
     if world_size == 1:
         return [0] * n_shards
+    costs = list((text_cost or char_costs)(texts))
+    if len(costs) != len(texts):
+        raise ValueError(f"text_cost gave {len(costs)} costs for {len(texts)} texts")
     load = [0] * world_size
     owners = []
     for i in range(n_shards):
         r = min(range(world_size), key=lambda j: (load[j], j))
         owners.append(r)
-        load[r] += sum(len(t) + 1 for t in texts[i * shard_size : (i + 1) * shard_size])
+        load[r] += int(sum(costs[i * shard_size : (i + 1) * shard_size]))
     return owners
 
 

@@ -206,9 +206,14 @@ class DenseTeacher:
                 max_tokens_per_batch=self.cfg.max_tokens_per_batch,
             )
 
+        def token_costs(all_texts: Sequence[str]) -> list[int]:
+            from nvr.modeling.encode import token_lengths
+
+            return token_lengths(self.embedder, all_texts, prefix, max_length)
+
         rank, world_size = dist_rank_world()
         return self.cache.get_or_encode(key, list(texts), encode, self.shard_size, rank=rank, world_size=world_size,
-                                        dtype=self.cfg.cache_dtype)
+                                        dtype=self.cfg.cache_dtype, text_cost=token_costs)
 
     def rank_corpus(
         self,
