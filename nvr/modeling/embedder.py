@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nvr.modeling.backbone import TORCH_DTYPES, is_peft_model, load_backbone, load_tokenizer, position_limit
+from nvr.modeling.base_model import BASE_KEY, base_model_record, check_base_model
 from nvr.modeling.config import EmbedderConfig
 from nvr.modeling.latent_attention import LatentAttentionPooling
 from nvr.modeling.pooling import ClsPooling, LastTokenPooling, MeanPooling
@@ -74,6 +75,7 @@ class Embedder(nn.Module):
             from peft import PeftModel
 
             base_cfg = EmbedderConfig.from_dict({**cfg_dict, "lora": None}, key=str(path / META_FILE))
+            check_base_model(meta, base_cfg.model_name_or_path, path / META_FILE, key="config.model_name_or_path")
             tokenizer = load_tokenizer(base_cfg, str(path))
             base = load_backbone(base_cfg, pad_token_id=tokenizer.pad_token_id)
             backbone = PeftModel.from_pretrained(base, str(path), is_trainable=is_trainable)
@@ -177,6 +179,8 @@ class Embedder(nn.Module):
 
             save_file(pooler_state, str(folder / POOLER_FILE))
         meta = {"format_version": FORMAT_VERSION, "backbone": kind, "config": cfg.to_dict(), **(extra_meta or {})}
+        if kind == "adapter":  # the base weights stay in model_name_or_path: record which ones they were
+            meta[BASE_KEY] = base_model_record(cfg.model_name_or_path)
         with atomic_file(folder / META_FILE) as fh:
             json.dump(meta, fh, indent=2)
 

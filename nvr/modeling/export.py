@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from nvr.modeling.backbone import is_peft_model
+from nvr.modeling.base_model import check_base_model
 from nvr.modeling.config import EmbedderConfig, as_embedder_config
 from nvr.modeling.embedder import Embedder
 from nvr.utils.atomic import atomic_dir, atomic_file
@@ -105,9 +106,11 @@ def embedder_from_checkpoint(path: str | Path, ckpt: dict[str, Any] | None = Non
     ckpt = read_checkpoint(path) if ckpt is None else ckpt
     trained_cfg = checkpoint_config(ckpt, path)
     cfg = dataclasses.replace(trained_cfg, quantization=None, gradient_checkpointing=False)
+    partial = bool(ckpt.get(PARTIAL_KEY)) or trained_cfg.quantization is not None
+    if partial:  # the frozen base comes from model_name_or_path: it must be the weights training used
+        check_base_model(ckpt, cfg.model_name_or_path, path)
     embedder = Embedder.from_config(cfg)
     state = {k[len(CKPT_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(CKPT_PREFIX)}
-    partial = bool(ckpt.get(PARTIAL_KEY)) or trained_cfg.quantization is not None
     if trained_cfg.quantization is not None:  # packed 4/8-bit base weights: keep only the trained parts
         state = {k: v for k, v in state.items() if _is_trained_key(k)}
     if partial and not any(_is_trained_key(k) for k in state) and cfg.lora is not None:

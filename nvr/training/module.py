@@ -43,6 +43,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
+from nvr.modeling.base_model import BASE_KEY, base_model_record, check_base_model
 from nvr.modeling.config import EmbedderConfig, as_embedder_config
 from nvr.modeling.embedder import Embedder
 from nvr.modeling.export import ENCODING_KEY, PARTIAL_KEY  # checkpoint format, shared with nvr export
@@ -52,6 +53,7 @@ from nvr.training.loss import MULTI_POSITIVE_MODES, PAD_ID, MultiPositive
 from nvr.training.objective import LOSS_KINDS, LossKind, Objective, ObjectiveOutput
 from nvr.utils.distributed import gather_padded
 from nvr.utils.errors import ConfigError, InputError
+from nvr.utils.fingerprint import memo_dir_for
 from nvr.utils.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -383,11 +385,24 @@ class BiEncoderModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[ENCODING_KEY] = self._encoding_record()
+        checkpoint[BASE_KEY] = self._base_model_record()
         if not self._trainable_only() or "state_dict" not in checkpoint:
             return
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint[PARTIAL_KEY] = True
+
+    def _memo_dir(self) -> Path | None:
+        """The fingerprint memo of the mining cache (so a 7B base is hashed once per machine, not per save)."""
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        cache_dir = getattr(getattr(data, "mining", None), "cache_dir", None)
+        return memo_dir_for(cache_dir) if isinstance(cache_dir, str | Path) else None
+
+    def _base_model_record(self) -> dict[str, Any]:
+        """The base model's name and content fingerprint, computed once per process (see nvr.modeling.base_model)."""
+        if getattr(self, "_base_record", None) is None:
+            self._base_record = base_model_record(self.embedder_config.model_name_or_path, self._memo_dir())
+        return dict(self._base_record)
 
     def _encoding_record(self) -> dict[str, Any]:
         """How training fed texts (prompts, masking, max lengths), the mined set and the last metrics: what
@@ -431,6 +446,7 @@ class BiEncoderModule(pl.LightningModule):
             raise InputError("checkpoint does not fit this model (another model.embedder config: LoRA r / "
                              f"target_modules, pooling, latent size?): {'; '.join(p for p in parts if p)}", source)
         if checkpoint.get(PARTIAL_KEY):
+            check_base_model(checkpoint, self.embedder_config.model_name_or_path, source, self._memo_dir())
             checkpoint["state_dict"] = {**current, **saved}
 
 
@@ -641,6 +657,8 @@ def load_warm_start(embedder: Embedder, source: str) -> None:
         state = Embedder.from_pretrained(path).state_dict()
     else:  # a .ckpt file or an FSDP2 checkpoint folder; unreadable / truncated / foreign: one line naming it
         checkpoint = read_checkpoint(path)
+        if checkpoint.get(PARTIAL_KEY):  # adapters only: this run's base must be the one they were trained on
+            check_base_model(checkpoint, embedder.config.model_name_or_path, path)
         state = {k[len("embedder."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("embedder.")}
     own = embedder.state_dict()
     unknown = sorted(set(state) - set(own))
