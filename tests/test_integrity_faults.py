@@ -18,7 +18,14 @@ from _cli import assert_one_line_error, run_cli
 from _reliability import copy_beir, leftovers, mine_config, write_yaml
 
 from nvr.cli.main import main as nvr_main
-from nvr.utils.atomic import atomic_dir, atomic_file, clean_stale_siblings, owner_tag, write_text_atomic
+from nvr.utils.atomic import (
+    atomic_dir,
+    atomic_file,
+    clean_stale_siblings,
+    owner_tag,
+    write_json_atomic,
+    write_text_atomic,
+)
 from nvr.utils.errors import DiskFullError, LockedError, OutputExistsError
 from nvr.utils.locking import exclusive_lock, is_locked, lock_path_for
 
@@ -236,6 +243,26 @@ def test_ablate_output_dir_under_a_file(tmp_path: Path, capsys) -> None:
 # ---------------------------------------------------------------------------------------------- disk full
 def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("options", [{}, {"ensure_ascii": False}, {"indent": None, "sort_keys": True, "newline": False},
+                                     {"allow_nan": False, "ensure_ascii": False}])
+def test_write_json_atomic_is_json_dump_in_place(options: dict, tmp_path: Path) -> None:
+    """The one JSON writer of every artifact: the bytes json.dump writes with the same options (+ newline)."""
+    obj = {"zeta": 1.5, "alpha": ["café", None, True], "n": {"b": 2, "a": 1}}
+    out = tmp_path / "x.json"
+    write_json_atomic(out, obj, **options)
+    newline = options.pop("newline", True)
+    expected = json.dumps(obj, **{"indent": 2, **options}) + ("\n" if newline else "")
+    assert out.read_bytes() == expected.encode("utf-8")
+
+
+def test_write_json_atomic_refusing_nan_keeps_the_old_file(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    write_json_atomic(out, {"ok": 1})
+    with pytest.raises(ValueError):
+        write_json_atomic(out, {"bad": float("nan")}, allow_nan=False)
+    assert json.loads(out.read_text()) == {"ok": 1} and [p.name for p in tmp_path.iterdir()] == ["report.json"]
 
 
 def test_atomic_writers_turn_enospc_into_one_line(tmp_path: Path, monkeypatch) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 from nvr.ablation.runner import config_get, effective_mining, load_base_config, run_overrides
 from nvr.ablation.spec import AblationSpec, Variant
 from nvr.config.mining import MineConfig
-from nvr.utils.atomic import atomic_dir, atomic_file
+from nvr.utils.atomic import atomic_dir, atomic_file, write_json_atomic
 from nvr.utils.errors import ConfigError
 
 FOLDER = "fn_report"
@@ -140,9 +139,7 @@ def write_fn_reports(spec: AblationSpec, plots: bool = True) -> dict[str, Path]:
     result = variant_reports(spec)
     folder = Path(spec.output_dir) / FOLDER
     with atomic_dir(folder, overwrite=True) as tmp:
-        with atomic_file(tmp / "fn_report.json") as fh:
-            json.dump(result, fh, indent=2, ensure_ascii=False, allow_nan=False)
-            fh.write("\n")
+        write_json_atomic(tmp / "fn_report.json", result, ensure_ascii=False, allow_nan=False)
         with atomic_file(tmp / "fn_report.md") as fh:
             fh.write(markdown(result))
         with atomic_file(tmp / "fn_report.csv") as fh:

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from nvr.ablation.spec import AblationSpec, Variant
-from nvr.utils.atomic import atomic_file
+from nvr.utils.atomic import write_json_atomic
 from nvr.utils.errors import ConfigError, InputError, NvrError
 from nvr.utils.hashing import sha256_json
 from nvr.utils.yamlcheck import check_yaml_file
@@ -351,12 +351,6 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    with atomic_file(path) as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-
-
 Launcher = Callable[[list[str], Path, float | None], int | str]
 
 
@@ -405,7 +399,7 @@ def execute_run(spec: AblationSpec, plan: RunPlan, extra_args: Sequence[str] = (
     attempt = len(_attempts(plan.run_dir))
     argv = fit_argv(spec, plan, attempt, ckpt, extra_args, base=base)
     cmd = shell_command(argv)
-    _write_json(plan.run_dir / COMMAND_FILE, {"argv": cmd, "shell": shlex.join(cmd), "cwd": os.getcwd()})
+    write_json_atomic(plan.run_dir / COMMAND_FILE, {"argv": cmd, "shell": shlex.join(cmd), "cwd": os.getcwd()})
     log_path = plan.run_dir / LOG_FILE
     with open(log_path, "a", encoding="utf-8") as fh:
         fh.write(f"### attempt {attempt}{f' (resume from {ckpt})' if ckpt else ''}: {shlex.join(cmd)}\n")
@@ -418,10 +412,10 @@ def execute_run(spec: AblationSpec, plan: RunPlan, extra_args: Sequence[str] = (
                                  f"{_tail(log_path)}")
         result = summarize_run(spec, plan, read_series(plan.run_dir))
     except RunFailedError as err:
-        _write_json(plan.run_dir / FAILED_FILE, {"error": str(err), "returncode": str(code), "wall_s": wall})
+        write_json_atomic(plan.run_dir / FAILED_FILE, {"error": str(err), "returncode": str(code), "wall_s": wall})
         return RunOutcome(plan, "failed", error=str(err))
     result.update({"wall_s": wall, "attempts": attempt + 1, "command": cmd})
-    _write_json(plan.run_dir / RESULT_FILE, result)
+    write_json_atomic(plan.run_dir / RESULT_FILE, result)
     return RunOutcome(plan, "ok", result)
 
 

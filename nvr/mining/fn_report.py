@@ -35,7 +35,6 @@ import csv
 import dataclasses
 import hashlib
 import io
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,7 @@ from nvr.mining.filters import FilterResult, apply_filter
 from nvr.mining.samplers import select
 from nvr.mining.selection import Selection, from_positions
 from nvr.search.table import CandidateTable
-from nvr.utils.atomic import atomic_dir, atomic_file
+from nvr.utils.atomic import atomic_dir, atomic_file, write_json_atomic
 from nvr.utils.errors import InputError
 from nvr.utils.seeding import rng_for
 
@@ -453,9 +452,7 @@ def write_fn_report(report: Mapping[str, Any], folder: str | Path, overwrite: bo
     """``fn_report.{json,md,csv,png}`` in ``folder``, written as one atomic folder."""
     folder = Path(folder)
     with atomic_dir(folder, overwrite=overwrite) as tmp:
-        with atomic_file(tmp / "fn_report.json") as fh:
-            json.dump(report, fh, indent=2, ensure_ascii=False, allow_nan=False)
-            fh.write("\n")
+        write_json_atomic(tmp / "fn_report.json", report, ensure_ascii=False, allow_nan=False)
         with atomic_file(tmp / "fn_report.md") as fh:
             fh.write(markdown(report, title or "False-negative report"))
         with atomic_file(tmp / "fn_report.csv") as fh:

@@ -60,7 +60,7 @@ from nvr.mining.report import build_report, filter_settings, plot_report
 from nvr.mining.samplers import needed_survivors, select, starved
 from nvr.mining.selection import Selection
 from nvr.search.table import CandidateTable
-from nvr.utils.atomic import atomic_dir, atomic_file
+from nvr.utils.atomic import atomic_dir, atomic_file, write_json_atomic
 from nvr.utils.distributed import dist_rank_world
 from nvr.utils.errors import ConfigError, InputError
 from nvr.utils.hashing import sha256_json, sha256_texts
@@ -574,12 +574,6 @@ def write_mined(path: Path, lines: Iterable[bytes]) -> dict[str, Any]:
     return {"sha256": digest.hexdigest(), "bytes": size, "rows": rows}
 
 
-def write_json(path: Path, obj: Any) -> None:
-    with atomic_file(path) as fh:
-        json.dump(obj, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
-
-
 def report_extra(cfg: MineConfig, counts: dict[str, int], negatives_written: int, started: float) -> dict[str, Any]:
     """The pipeline part of ``report.json`` (written rows, shortfall counts, locations and wall time)."""
     return {
@@ -596,7 +590,7 @@ def report_extra(cfg: MineConfig, counts: dict[str, int], negatives_written: int
 
 def write_outputs(folder: Path, cfg: MineConfig, res: MiningResult, started: float) -> None:
     mined = write_mined(folder / MINED_FILE, mined_lines(res))
-    write_json(folder / MANIFEST_FILE, manifest(cfg, res, mined))
+    write_json_atomic(folder / MANIFEST_FILE, manifest(cfg, res, mined), ensure_ascii=False)
     widened = res.selection.widened
     groups = [(res.tables, res.results, res.selection.subset(np.flatnonzero(~widened)))]
     if res.deep_tables:
@@ -607,9 +601,7 @@ def write_outputs(folder: Path, cfg: MineConfig, res: MiningResult, started: flo
     plot_report(folder / "report.png", res.selection, res.tables, res.results)
     extra = report_extra(cfg, res.counts, negatives_written(res.selection, res.kept_rows), started)
     report = build_report(res.tables, res.results, res.selection, res.per_teacher, extra=extra)
-    with atomic_file(folder / "report.json") as fh:
-        json.dump(report, fh, indent=2)
-        fh.write("\n")
+    write_json_atomic(folder / "report.json", report)
 
 
 def negatives_written(selection: Selection, kept: np.ndarray) -> int:

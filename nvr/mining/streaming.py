@@ -75,7 +75,6 @@ from nvr.mining.pipeline import (
     select_negatives,
     selection_counts,
     teacher_records,
-    write_json,
     write_mined,
 )
 from nvr.mining.report import (
@@ -87,7 +86,7 @@ from nvr.mining.report import (
     score_figure,
 )
 from nvr.search.table import CandidateTable, CorruptTableError, read_table_parquet, write_table_parquet
-from nvr.utils.atomic import atomic_dir, atomic_file
+from nvr.utils.atomic import atomic_dir, write_json_atomic
 from nvr.utils.checksum import checksummed_file, sidecar, verify_sidecar
 from nvr.utils.distributed import dist_rank_world
 from nvr.utils.hashing import sha256_json
@@ -246,7 +245,8 @@ def _run(run: StreamRun, records: list[dict[str, str]], out: Path, started: floa
     filters = filter_settings_of(run.names, resolved)
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         mined = write_mined(tmp / MINED_FILE, _chunk_lines(run))
-        write_json(tmp / MANIFEST_FILE, manifest_from(cfg, records, data, counts, filters, mined))
+        write_json_atomic(tmp / MANIFEST_FILE, manifest_from(cfg, records, data, counts, filters, mined),
+                          ensure_ascii=False)
         pos, neg = parts["selection.positive.cat"], parts["selection.negative.cat"]
         save_figure(tmp / "report.png", score_figure(pos, neg, run.names, [c for c, _ in resolved]))
         candidates = _write_candidates(run, tmp / "candidates")
@@ -254,9 +254,7 @@ def _run(run: StreamRun, records: list[dict[str, str]], out: Path, started: floa
         report = report_from_parts(parts, run.names, filters, extra)
         report["stream"] = {**run.stats, "chunk_queries": cfg.stream_chunk_queries, "candidates": candidates,
                             "table_cache": {n: str(d) for n, d in zip(run.names, run.table_dirs)}}
-        with atomic_file(tmp / "report.json") as fh:
-            json.dump(report, fh, indent=2)
-            fh.write("\n")
+        write_json_atomic(tmp / "report.json", report)
     return counts["written"]
 
 
@@ -274,8 +272,7 @@ def _open_work(work: Path, layout: dict[str, Any]) -> None:
         log.warning("streaming work folder %s was started with another chunk layout; starting over", work)
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as fh:
-        json.dump(layout, fh, sort_keys=True)
+    write_json_atomic(path, layout, indent=None, sort_keys=True, newline=False)
 
 
 def _most_positives(data: MiningData, rows: Sequence[int] | np.ndarray) -> int:

@@ -26,7 +26,7 @@ from nvr.modeling.config import EmbedderConfig
 from nvr.modeling.latent_attention import LatentAttentionPooling
 from nvr.modeling.pooling import ClsPooling, LastTokenPooling, MeanPooling
 from nvr.modeling.tokenization import tokenize
-from nvr.utils.atomic import atomic_dir, atomic_file
+from nvr.utils.atomic import atomic_dir, write_json_atomic
 from nvr.utils.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -181,8 +181,7 @@ class Embedder(nn.Module):
         meta = {"format_version": FORMAT_VERSION, "backbone": kind, "config": cfg.to_dict(), **(extra_meta or {})}
         if kind == "adapter":  # the base weights stay in model_name_or_path: record which ones they were
             meta[BASE_KEY] = base_model_record(cfg.model_name_or_path)
-        with atomic_file(folder / META_FILE) as fh:
-            json.dump(meta, fh, indent=2)
+        write_json_atomic(folder / META_FILE, meta, newline=False)
 
 
 def hidden_size_of(backbone: nn.Module) -> int:

@@ -41,7 +41,7 @@ from nvr.modeling.backbone import is_peft_model
 from nvr.modeling.base_model import check_base_model
 from nvr.modeling.config import EmbedderConfig, as_embedder_config
 from nvr.modeling.embedder import Embedder
-from nvr.utils.atomic import atomic_dir, atomic_file
+from nvr.utils.atomic import atomic_dir, atomic_file, write_json_atomic
 from nvr.utils.errors import ConfigError, InputError
 from nvr.utils.models import resolve_model_path
 
@@ -397,14 +397,14 @@ def write_st_files(folder: Path, cfg: EmbedderConfig, hidden_size: int, enc: dic
         write_router(folder / "1_Pooling", cfg, hidden_size)
     else:
         modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
-        _write_json(folder / "1_Pooling" / "config.json", st_pooling_config(cfg, hidden_size, not query_masked))
+        write_st_json(folder / "1_Pooling" / "config.json", st_pooling_config(cfg, hidden_size, not query_masked))
     if cfg.normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
         (folder / "2_Normalize").mkdir()
-    _write_json(folder / "modules.json", modules)
-    _write_json(folder / "sentence_bert_config.json",
+    write_st_json(folder / "modules.json", modules)
+    write_st_json(folder / "sentence_bert_config.json",
                 {"max_seq_length": enc["passage_max_length"], "do_lower_case": False})
-    _write_json(folder / "config_sentence_transformers.json", {
+    write_st_json(folder / "config_sentence_transformers.json", {
         "prompts": {"query": enc["query_prefix"], "document": enc["passage_prefix"]}, "default_prompt_name": None,
         "similarity_fn_name": "cosine" if cfg.normalize else "dot",
         "nvr": {"query_max_length": enc["query_max_length"], "passage_max_length": enc["passage_max_length"],
@@ -420,8 +420,8 @@ def write_router(folder: Path, cfg: EmbedderConfig, hidden_size: int) -> None:
     for route, include_prompt in (("query", False), ("document", True)):
         sub = folder / f"{route}_0_Pooling"
         sub.mkdir()
-        _write_json(sub / "config.json", st_pooling_config(cfg, hidden_size, include_prompt))
-    _write_json(folder / "router_config.json", {
+        write_st_json(sub / "config.json", st_pooling_config(cfg, hidden_size, include_prompt))
+    write_st_json(folder / "router_config.json", {
         "types": {"query_0_Pooling": pooling, "document_0_Pooling": pooling},
         "structure": {"query": ["query_0_Pooling"], "document": ["document_0_Pooling"]},
         "parameters": {"default_route": "document", "allow_empty_key": True, "route_mappings": {}},
@@ -495,6 +495,6 @@ def _read_manifest(mined_dir: str | None) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    with atomic_file(path) as fh:
-        json.dump(obj, fh, indent=2)
+def write_st_json(path: Path, obj: Any) -> None:
+    """The sentence-transformers module files, in the bytes earlier exports wrote (ASCII, no final newline)."""
+    write_json_atomic(path, obj, newline=False)

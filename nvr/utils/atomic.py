@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
@@ -21,7 +22,7 @@ import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from nvr.utils.errors import DiskFullError, OutputExistsError
 
@@ -188,6 +189,16 @@ def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_file(path, "w", expected_bytes=len(text.encode("utf-8"))) as fh:
         fh.write(text)
+
+
+def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = 2, ensure_ascii: bool = True,
+                      sort_keys: bool = False, allow_nan: bool = True, newline: bool = True) -> None:
+    """``json.dump(obj, **options)`` (+ a final newline) written atomically: every JSON artifact goes through here,
+    so a killed run never leaves a truncated one. ``allow_nan=False`` turns a NaN into a ValueError, not bad JSON."""
+    with atomic_file(path) as fh:
+        json.dump(obj, fh, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys, allow_nan=allow_nan)
+        if newline:
+            fh.write("\n")
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
