@@ -6,6 +6,10 @@ Rows (each tool in its own subprocess; step times around each optimizer step, th
 * best CPU setting: nvr ``precision="bf16-mixed"`` vs ST ``bf16=True`` (both bf16 autocast, fp32 master weights),
   MultipleNegativesRankingLoss. Printed, no target.
 * equal settings: both fp32, MNRL. Target: nvr >= 1.3x ST samples/s.
+* long_plain / long: equal settings (fp32 both, MNRL) at ``--long_passage_len`` (512, NV-Retriever's passage
+  length), where lengths vary: nvr with one forward per field (printed, no target) / with
+  ``length_bucket_size=--bucket`` (length-sorted forwards padded to their own longest, the
+  same loss) vs ST (which pads each column to its longest). Target: >= 1.3x.
 * cached: batch ``--cached_batch`` (128) in mini-batches of ``--mini_batch`` (16): nvr ``mini_batch_size`` (cached
   InfoNCE) vs ST ``CachedMultipleNegativesRankingLoss(mini_batch_size=16)``, in ``--cached_precision``
   (bf16: each tool's best CPU setting). Target: >= 1.0x; peak RSS of both printed. Needs SciFact (809 train queries)
@@ -116,10 +120,12 @@ def run_nvr(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     timer = _lightning_timer_class()()
     cached = {"mini_batch_size": args.mini_batch} if args.mini_batch else {}
+    if args.bucket:
+        cached["length_bucket_size"] = args.bucket
     module = BiEncoderModule(EmbedderConfig(model_name_or_path=args.model, pooling="mean"), temperature=0.05,
                              lr=2e-5, warmup_steps=0, seed=0, **cached)
     data = MinedDataModule(mined_dir=args.mined, tokenizer=args.model, query_max_length=QUERY_LEN,
-                           passage_max_length=PASSAGE_LEN, num_negatives=args.negatives, batch_size=args.batch)
+                           passage_max_length=args.passage_len, num_negatives=args.negatives, batch_size=args.batch)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.warmup + args.steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, callbacks=[timer], precision=PRECISIONS[args.precision][0])
@@ -142,7 +148,7 @@ def run_st(args: argparse.Namespace) -> None:
     for j in range(args.negatives):
         columns[f"negative_{j + 1}"] = [e.negative_texts[j] for e in examples]
     model = SentenceTransformer(args.model, device="cpu")
-    model.max_seq_length = PASSAGE_LEN  # one limit for both sides in ST; the queries are < 32 tokens anyway
+    model.max_seq_length = args.passage_len  # one limit for both sides in ST; the queries are < 32 tokens anyway
     timer = StepTimer()
 
     class HFTimer(TrainerCallback):
@@ -208,15 +214,29 @@ ROWS = {
     # name: (label, precision, cached, target nvr/ST or None)
     "best": ("best CPU setting (nvr bf16-mixed, ST bf16=True), MNRL", "bf16", False, None),
     "equal": ("equal settings (fp32 both), MNRL", "fp32", False, 1.3),
+    "long_plain": ("equal settings, long passages, nvr one forward a field", "fp32", False, None),
+    "long": ("equal settings, long passages, nvr length buckets", "fp32", False, 1.3),
     "cached": ("cached InfoNCE vs CachedMNRL", None, True, 1.0),
 }
+
+
+_ST_RUNS: dict[tuple[str, ...], dict] = {}
 
 
 def run_row(args: argparse.Namespace, work: Path, model: str, name: str) -> dict | None:
     """One (nvr, ST) pair in fresh subprocesses; None (with a message) when the row cannot run here."""
     label, precision, cached, _ = ROWS[name]
     batch, steps, beir = args.batch, args.steps, default_beir_dir()
-    extra = ["--mini_batch", "0"]  # the roles' uncached loss
+    extra = ["--mini_batch", "0", "--passage_len", str(PASSAGE_LEN)]  # the roles' uncached loss
+    long = name.startswith("long")
+    if long:
+        from nvr.utils.models import position_limit
+
+        limit = position_limit(model)
+        if limit is not None and limit[0] < args.long_passage_len:
+            print(f"  {name}: skipped: {model} has {limit[0]} positions, < --long_passage_len {args.long_passage_len}")
+            return None
+        extra = ["--mini_batch", "0", "--passage_len", str(args.long_passage_len)]
     if cached:
         if not nvr_supports_mini_batch():
             print(f"  {name}: skipped: this nvr's BiEncoderModule has no mini_batch_size (cached InfoNCE)")
@@ -226,18 +246,25 @@ def run_row(args: argparse.Namespace, work: Path, model: str, name: str) -> dict
             print(f"  {name}: skipped: needs ../shared/data/scifact for {args.cached_batch} distinct queries a batch")
             return None
         batch, steps, precision = args.cached_batch, args.cached_steps, args.cached_precision
-        extra = ["--mini_batch", str(args.mini_batch)]
+        extra = ["--mini_batch", str(args.mini_batch), "--passage_len", str(PASSAGE_LEN)]
     n = batch * (args.warmup + steps + 1)
-    mined = write_examples(beir, work / f"mined_{name}", n=n, negatives=args.negatives)
+    mined = work / f"mined_{beir.name}_{n}x{args.negatives}"  # rows of equal shape share one set (and ST run)
+    if not mined.exists():
+        write_examples(beir, mined, n=n, negatives=args.negatives)
     common = ["--steps", str(steps), "--warmup", str(args.warmup), "--batch", str(batch), "--negatives",
               str(args.negatives), "--threads", str(args.threads), "--model", model, "--mined", str(mined),
               "--precision", precision, *extra]
     script = Path(__file__).resolve()
-    nvr = run_role(script, "nvr", *common)
+    nvr = run_role(script, "nvr", *common, "--bucket", str(args.bucket if name == "long" else 0))
     print(f"  {name} nvr: {json.dumps(nvr)}", flush=True)
-    st = run_role(script, "st", *common)
+    key = tuple(common)
+    if key not in _ST_RUNS:  # long_plain and long differ only on nvr's side: ST is measured once for both
+        _ST_RUNS[key] = run_role(script, "st", *common)
+    st = _ST_RUNS[key]
     print(f"  {name} st: {json.dumps(st)}", flush=True)
     return {"label": label, "precision": precision, "batch": batch, "mini_batch": args.mini_batch if cached else None,
+            "passage_len": args.long_passage_len if long else PASSAGE_LEN,
+            "length_bucket_size": args.bucket if name == "long" else None,
             "data": str(beir), "nvr": nvr, "sentence_transformers": st,
             "ratio": round(nvr["samples_per_s"] / st["samples_per_s"], 3)}
 
@@ -252,6 +279,9 @@ def print_summary(results: dict) -> None:
             continue
         target = ROWS[name][3]
         label = row["label"] + (f" ({row['precision']}, mini-batch {row['mini_batch']})" if row["mini_batch"] else "")
+        if row["passage_len"] != PASSAGE_LEN:
+            label += f" ({row['passage_len']} tok" + (f", {row['length_bucket_size']})" if row["length_bucket_size"]
+                                                       else ")")
         goal = "" if target is None else f">= {target:<4} {verdict(row['ratio'] >= target)}"
         print(f"{label:56}{row['batch']:>6}{row['sentence_transformers']['samples_per_s']:>8.2f}"
               f"{row['nvr']['samples_per_s']:>8.2f}{row['ratio']:>8.2f}  {goal:12} "
@@ -261,7 +291,8 @@ def print_summary(results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--role", choices=["driver", "nvr", "st"], default="driver")
-    parser.add_argument("--rows", default="best,equal,cached", help=f"comma-separated subset of {list(ROWS)}")
+    parser.add_argument("--rows", default="best,equal,long_plain,long,cached",
+                        help=f"comma-separated subset of {list(ROWS)}")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=16)
@@ -272,6 +303,9 @@ def main() -> None:
     parser.add_argument("--cached_precision", choices=list(PRECISIONS), default="bf16")
     parser.add_argument("--mini_batch", type=int, default=16, help="cached row's mini-batch (roles: 0 = uncached)")
     parser.add_argument("--precision", choices=list(PRECISIONS), default="bf16", help="roles only")
+    parser.add_argument("--long_passage_len", type=int, default=512, help="the long row's passage max length")
+    parser.add_argument("--bucket", type=int, default=16, help="the long row's nvr length_bucket_size (roles: 0 = off)")
+    parser.add_argument("--passage_len", type=int, default=PASSAGE_LEN, help="roles only")
     parser.add_argument("--tiny", action="store_true", help="use a tiny random BERT even if MiniLM is installed")
     parser.add_argument("--json", default=None, help="also write every measurement to this JSON file")
     parser.add_argument("--model")

@@ -149,6 +149,43 @@ def test_one_mini_batch_equals_the_uncached_training_step(tiny_bert_dir, mined) 
     _assert_close(_cached_step_grads(module, batch, seed=5), _grads(reference))
 
 
+# ------------------------------------------------------------------------------- length buckets (uncached)
+def test_length_buckets_keep_the_graph_and_equal_the_cached_loss(tiny_bert_dir, mined, monkeypatch) -> None:
+    """Uncached ``length_bucket_size=3``: forwards of the cached path's chunks (trimmed to their own longest), one
+    graph; dropout on, so equality with the cached step (same chunks, same RNG order) is exact, not statistical."""
+    batch = _batch(tiny_bert_dir, mined)
+    bucketed = _module(tiny_bert_dir, length_bucket_size=3)
+    reference = _module(tiny_bert_dir, mini_batch_size=3)
+    reference.load_state_dict(bucketed.state_dict())
+    widths: list[int] = []
+    encode = BiEncoderModule.encode
+    monkeypatch.setattr(BiEncoderModule, "encode", lambda self, f: widths.append(f["input_ids"].shape[1])
+                        or encode(self, f))
+    torch.manual_seed(4)
+    loss = bucketed.training_step(batch, 0)
+    assert loss.requires_grad and len(widths) > 4
+    assert max(widths) == batch["passages"]["input_ids"].shape[1] and min(widths) < max(widths)  # trimmed chunks
+    loss.backward()
+    _assert_close(_grads(bucketed), _cached_step_grads(reference, batch, seed=4))
+
+
+def test_length_buckets_without_dropout_equal_one_forward_per_field(tiny_bert_dir, mined) -> None:
+    batch = _batch(tiny_bert_dir, mined)
+    bucketed, single = _module(tiny_bert_dir, length_bucket_size=2), _module(tiny_bert_dir)
+    single.load_state_dict(bucketed.state_dict())
+    for module in (bucketed, single):
+        module.eval()  # dropout off: the only difference left is the padding each forward sees
+        module.training_step(batch, 0).backward()
+    _assert_close(_grads(bucketed), _grads(single))
+
+
+def test_bad_length_bucket_settings_are_config_errors(tiny_bert_dir) -> None:
+    with pytest.raises(ConfigError, match="model.length_bucket_size.*>= 1"):
+        _module(tiny_bert_dir, length_bucket_size=0)
+    with pytest.raises(ConfigError, match="model.length_bucket_size.*already length-sorts"):
+        _module(tiny_bert_dir, length_bucket_size=4, mini_batch_size=8)
+
+
 def test_without_replayed_dropout_the_gradients_differ(tiny_bert_dir, mined, monkeypatch) -> None:
     """The equality above depends on replaying each mini-batch's RNG state (dropout is really on)."""
     batch = _batch(tiny_bert_dir, mined)

@@ -47,7 +47,13 @@ from nvr.modeling.base_model import BASE_KEY, base_model_record, check_base_mode
 from nvr.modeling.config import EmbedderConfig, as_embedder_config
 from nvr.modeling.embedder import Embedder
 from nvr.modeling.export import ENCODING_KEY, PARTIAL_KEY  # checkpoint format, shared with nvr export
-from nvr.training.cached import PendingBackward, cached_backward, encode_without_grad
+from nvr.training.cached import (
+    PendingBackward,
+    cached_backward,
+    encode_without_grad,
+    plan_mini_batches,
+    take_rows,
+)
 from nvr.training.kd import teacher_group_scores
 from nvr.training.loss import MULTI_POSITIVE_MODES, PAD_ID, MultiPositive
 from nvr.training.objective import LOSS_KINDS, LossKind, Objective, ObjectiveOutput
@@ -93,6 +99,11 @@ class BiEncoderModule(pl.LightningModule):
         matryoshka_dims: sum the loss over these truncated embedding sizes (e.g. [768, 512, 256, 128, 64]),
             re-normalized when the embedder normalizes; None = the full embedding only.
         matryoshka_weights: one weight per Matryoshka dim; None = 1 each.
+        length_bucket_size: encode each field (queries, passages) in length-sorted chunks of at most this many
+            rows, each padded only to its own longest text; the graph is kept, so the loss is the full batch's.
+            Worth it where lengths vary (at 512 passage tokens a batch is ~1.6-2.3x padding on SciFact /
+            Cranfield: ``benchmarks/padding_share.py``); changes only the dropout draws. None = one forward per
+            field. The cached loss (``mini_batch_*``) already length-sorts its mini-batches.
     """
 
     def __init__(
@@ -118,6 +129,7 @@ class BiEncoderModule(pl.LightningModule):
         self_mask_margin: float | None = None,
         matryoshka_dims: list[int] | None = None,
         matryoshka_weights: list[float] | None = None,
+        length_bucket_size: int | None = None,
     ) -> None:
         settings = {k: v for k, v in locals().items() if k not in ("self", "embedder", "__class__")}
         super().__init__()
@@ -125,9 +137,14 @@ class BiEncoderModule(pl.LightningModule):
         check_finite_hparams(settings, cfg)
         _validate(temperature, false_negative_perc, lr, weight_decay, warmup_steps, scheduler)
         validate_objective(settings)
-        for key, value in (("mini_batch_size", mini_batch_size), ("mini_batch_num_tokens", mini_batch_num_tokens)):
+        for key, value in (("mini_batch_size", mini_batch_size), ("mini_batch_num_tokens", mini_batch_num_tokens),
+                           ("length_bucket_size", length_bucket_size)):
             if value is not None and value < 1:
                 raise ConfigError(f"model.{key}", f"must be >= 1 or null, got {value}")
+        if length_bucket_size is not None and (mini_batch_size is not None or mini_batch_num_tokens is not None):
+            raise ConfigError("model.length_bucket_size", "applies to the uncached forward; the cached loss "
+                                                          "(mini_batch_size / mini_batch_num_tokens) already "
+                                                          "length-sorts its mini-batches: set one of them")
         self.save_hyperparameters(ignore=["embedder"])
         self.hparams["embedder"] = cfg.to_dict()
         self.embedder_config = cfg
@@ -152,6 +169,14 @@ class BiEncoderModule(pl.LightningModule):
     def encode(self, features: dict[str, Tensor]) -> Tensor:
         return self.embedder(features["input_ids"], features["attention_mask"], features.get("pool_mask"))
 
+    def encode_field(self, features: dict[str, Tensor]) -> Tensor:
+        """One field of a training batch, with its graph: in length buckets when ``length_bucket_size`` is set."""
+        plan = plan_mini_batches(features["attention_mask"].sum(dim=1), self.hparams.get("length_bucket_size"), None)
+        if len(plan) == 1:
+            return self.encode(features)
+        out = torch.cat([self.encode(take_rows(features, rows)) for rows in plan])
+        return out.index_select(0, torch.argsort(torch.cat(plan)).to(out.device))  # back to batch order
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         base = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         torch.manual_seed(derive_seed(base, "step", self.global_step, self.global_rank) % (2**63))
@@ -163,9 +188,9 @@ class BiEncoderModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if self.cached_loss:
             return self._cached_training_step(batch)
-        query_emb = self.encode(batch["query"])
+        query_emb = self.encode_field(batch["query"])
         batch_size, group = batch["passage_ids"].shape
-        passage_emb = self.encode(batch["passages"]).reshape(batch_size, group, -1)
+        passage_emb = self.encode_field(batch["passages"]).reshape(batch_size, group, -1)
         remote_emb, remote_ids = self._remote_passages(passage_emb, batch["passage_ids"], batch)
         out = self._objective(query_emb, passage_emb, batch, remote_emb, remote_ids)
         self._log_step(out, batch)
