@@ -22,6 +22,7 @@ from nvr.utils.atomic import write_text_atomic
 RESULTS_MD = "results.md"
 RESULTS_CSV = "results.csv"
 RUNS_CSV = "runs.csv"
+PAIRED_CSV = "paired.csv"
 
 
 @dataclass
@@ -252,10 +253,15 @@ def write_report(spec: AblationSpec, plots: bool = True) -> dict[str, Path]:
 
         written.update(write_fn_reports(spec, plots=plots))
         fn_rows = _fn_rows(out)
-    written.update({"markdown": out / RESULTS_MD, "csv": out / RESULTS_CSV, "runs_csv": out / RUNS_CSV})
-    write_text_atomic(written["markdown"], markdown_table(res, fn_rows))
+    from nvr.ablation.paired import paired_csv_rows, paired_markdown
+
+    written.update({"markdown": out / RESULTS_MD, "csv": out / RESULTS_CSV, "runs_csv": out / RUNS_CSV,
+                    "paired_csv": out / PAIRED_CSV})
+    reference = spec.reference_variant
+    write_text_atomic(written["markdown"], markdown_table(res, fn_rows) + "\n" + paired_markdown(res, reference))
     write_text_atomic(written["csv"], results_csv(res))
     write_text_atomic(written["runs_csv"], runs_csv(res))
+    write_text_atomic(written["paired_csv"], _csv_text(*paired_csv_rows(res, reference)))
     if plots:
         from nvr.ablation.plots import write_plots
 

@@ -15,6 +15,7 @@ Example::
          overrides: {data.mining.filter.method: topk_percpos}, paper: {0.95: 0.5856}}
     histograms: [naive, percpos=0.95]
     fn_report: {holdout: 0.5}    # optional: false-negative report of every mining variant (fn_report/ folder)
+    reference: naive             # optional: paired-by-seed comparisons against this variant (default: the first)
 
 A sweep expands to one variant per value, named ``<sweep>=<value>``. Relative paths (``base_config``,
 ``output_dir``) are relative to the working directory, like the paths inside ``nvr fit`` configs.
@@ -38,7 +39,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 DEFAULT_SEED_KEYS = ("seed_everything", "data.seed")
 _SPEC_KEYS = {"name", "description", "base_config", "output_dir", "seeds", "seed_keys", "metric", "select",
-              "report_metrics", "overrides", "variants", "sweeps", "paper", "histograms", "fit_args", "fn_report"}
+              "report_metrics", "overrides", "variants", "sweeps", "paper", "histograms", "fit_args", "fn_report",
+              "reference"}
 
 
 @dataclass
@@ -93,9 +95,15 @@ class AblationSpec:
     """Variants whose mined negative-score distributions are compared (e.g. naive vs PercPos)."""
     fit_args: list[str] = field(default_factory=list)
     """Extra ``nvr fit`` arguments for every run (e.g. ``--trainer.max_steps 20`` for a smoke run)."""
+    reference: str | None = None
+    """The variant every other is compared with per seed (``nvr.ablation.paired``); None = the first variant."""
     fn_report: FnReportConfig | None = None
     """When set, the report step also writes ``fn_report/``: each mining variant's false-negative rate and hardness
     on held-back positives (``nvr.ablation.false_negatives``), from the cached candidate tables (no training)."""
+
+    @property
+    def reference_variant(self) -> str:
+        return self.reference or self.all_variants()[0].name
 
     def all_variants(self) -> list[Variant]:
         """Listed variants first, then every sweep's expansion (in spec order)."""
@@ -287,6 +295,7 @@ def parse_spec(raw: Any) -> AblationSpec:
         overrides=_overrides(raw.get("overrides"), "overrides"),
         histograms=_str_list(raw.get("histograms"), "histograms"), fit_args=_str_list(raw.get("fit_args"), "fit_args"),
         fn_report=_fn_report(raw.get("fn_report")),
+        reference=None if raw.get("reference") is None else _name(raw.get("reference"), "reference"),
     )
     _attach_sweep_paper(spec, paper)
     _check_names(spec, paper)
@@ -314,6 +323,8 @@ def _check_names(spec: AblationSpec, paper: dict[str, Any]) -> None:
     for key in [*paper, *spec.histograms]:
         if key not in seen:
             raise ConfigError("paper" if key in paper else "histograms", f"'{key}' is not a variant; known: {names}")
+    if spec.reference is not None and spec.reference not in seen:
+        raise ConfigError("reference", f"'{spec.reference}' is not a variant; known: {names}")
     for key in spec.seed_keys:
         if not _KEY_RE.match(key):
             raise ConfigError("seed_keys", f"'{key}' is not a dotted config key")
