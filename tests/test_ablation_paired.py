@@ -84,6 +84,11 @@ def test_markdown_and_csv_report_every_variant_against_the_reference(tmp_path) -
     assert table[1]["deltas"] == "0.020000 0.030000 0.010000" and table[1]["wins"] == "3"
 
 
+def test_an_empty_grid_says_so(tmp_path) -> None:
+    text = paired_markdown(_results(tmp_path, []), "naive")
+    assert "no variant shares a finished seed with `naive` yet" in text and "## All pairs" not in text
+
+
 def test_spec_reference_defaults_to_the_first_variant_and_is_checked(tmp_path) -> None:
     assert parse_spec(_spec(tmp_path / "b.yaml", tmp_path / "o")).reference_variant == "naive"
     spec = parse_spec(_spec(tmp_path / "b.yaml", tmp_path / "o", reference="percpos=0.95"))

@@ -158,7 +158,10 @@ def paired_markdown(res: AblationResults, reference: str) -> str:
              f"t: paired t statistic; p: two-sided; CI: {CI_LEVEL:.0%} (Student's t, n - 1 degrees of freedom).", "",
              "| variant | seeds | delta per seed | mean delta ± std | wins / losses | t | p | 95% CI |",
              "|---|---|---|---|---|---:|---:|---|"]
-    for c in comparisons(res, reference):
+    found_any = comparisons(res, reference)
+    if not found_any:
+        lines.append(f"| (no variant shares a finished seed with `{reference}` yet) | | | | | | | |")
+    for c in found_any:
         per_seed = ", ".join(f"{s}: {_signed(d)}" for s, d in zip(c.seeds, c.deltas, strict=True))
         spread = _signed(c.mean) + (f" ± {c.std:.4f}" if c.std is not None else "")
         ci = "" if c.ci is None else f"[{_signed(c.ci[0])}, {_signed(c.ci[1])}]"
