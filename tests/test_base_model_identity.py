@@ -11,11 +11,10 @@ import torch
 from _cli import cli_error
 from _training_data import fit_tiny
 
-from nvr.modeling.base_model import BASE_KEY, check_base_model
+from nvr.modeling.base_model import BASE_KEY, base_model_record, check_base_model
 from nvr.modeling.export import PARTIAL_KEY
 from nvr.testing import make_tiny_bert
 from nvr.utils.errors import InputError
-from nvr.utils.fingerprint import model_fingerprint
 
 LORA = {"pooling": "mean", "lora": {"r": 4, "alpha": 8}}
 
@@ -40,7 +39,9 @@ def test_checkpoint_records_the_base_fingerprint(lora_run) -> None:
     base, ckpt = lora_run
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert saved[PARTIAL_KEY]
-    assert saved[BASE_KEY] == {"model_name_or_path": str(base), "fingerprint": model_fingerprint(str(base))}
+    record = saved[BASE_KEY]
+    assert record == base_model_record(str(base)) and record["model_name_or_path"] == str(base)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(record["files"])
 
 
 def test_export_resume_and_warm_start_refuse_other_base_weights(lora_run, tiny_beir_dir, tmp_path, capsys) -> None:
@@ -48,6 +49,7 @@ def test_export_resume_and_warm_start_refuse_other_base_weights(lora_run, tiny_b
     _replace_weights(base)
     err = cli_error(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "out")], capsys)
     assert str(ckpt) in err and "other base weights" in err and str(base) in err
+    assert "model.safetensors" in err and "config.json" not in err  # names what changed
     assert not (tmp_path / "out").exists()
     config = tmp_path / "fit.yaml"
     err = cli_error(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "4"], capsys)
@@ -70,6 +72,19 @@ def test_the_same_weights_in_another_folder_are_accepted(lora_run, tmp_path) -> 
         check_base_model(saved, str(moved), ckpt)
 
 
+def test_files_loading_never_reads_do_not_count(lora_run) -> None:
+    """An onnx/ export or a model card added to the same snapshot leaves the base weights as they were."""
+    base, ckpt = lora_run
+    (base / "onnx").mkdir()
+    (base / "onnx" / "model.onnx").write_bytes(b"onnx")
+    (base / "README.md").write_text("card")
+    (base / "modules.json").write_text("[]")
+    check_base_model(torch.load(ckpt, map_location="cpu", weights_only=False), str(base), ckpt)
+    (base / "tokenizer.json").write_text((base / "tokenizer.json").read_text().replace('"[UNK]"', '"[UNKNOWN]"'))
+    with pytest.raises(InputError, match=r"tokenizer\.json differ"):  # the tokenizer does change embeddings
+        check_base_model(torch.load(ckpt, map_location="cpu", weights_only=False), str(base), ckpt)
+
+
 def test_a_checkpoint_without_the_record_loads_with_a_warning(lora_run, tmp_path, caplog) -> None:
     base, ckpt = lora_run
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -80,7 +95,7 @@ def test_a_checkpoint_without_the_record_loads_with_a_warning(lora_run, tmp_path
 
     with caplog.at_level("WARNING"):
         embedder_from_checkpoint(old)
-    assert "no record of the base model's fingerprint" in caplog.text
+    assert "no record of the base model's files" in caplog.text
 
 
 def test_a_full_checkpoint_does_not_depend_on_the_base(tiny_bert_dir, tiny_beir_dir, tmp_path) -> None:
@@ -89,7 +104,7 @@ def test_a_full_checkpoint_does_not_depend_on_the_base(tiny_bert_dir, tiny_beir_
     shutil.copytree(tiny_bert_dir, base)
     ckpt = fit_tiny(tmp_path, tiny_beir_dir, {"model_name_or_path": str(base), "pooling": "mean"})
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-    assert not saved.get(PARTIAL_KEY) and saved[BASE_KEY]["fingerprint"] == model_fingerprint(str(base))
+    assert not saved.get(PARTIAL_KEY) and saved[BASE_KEY] == base_model_record(str(base))
     _replace_weights(base)
     from nvr.modeling.export import embedder_from_checkpoint
 
