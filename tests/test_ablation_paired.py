@@ -95,3 +95,17 @@ def test_spec_reference_defaults_to_the_first_variant_and_is_checked(tmp_path) -
     assert spec.reference_variant == "percpos=0.95"
     with pytest.raises(ConfigError, match="reference.*'nope' is not a variant"):
         parse_spec(_spec(tmp_path / "b.yaml", tmp_path / "o", reference="nope"))
+
+
+def test_ranks_of_a_partial_grid_use_the_seeds_every_variant_finished(tmp_path) -> None:
+    """naive's seed 2 is a bad draw for every method; percpos has not run it yet. Over all of each row's own seeds
+    naive would look better than it is relative to percpos; over the common seeds 0-1 the order is the paired one."""
+    from nvr.ablation.results import markdown_table
+
+    res = _results(tmp_path, _records({"naive": {0: 0.50, 1: 0.52, 2: 0.30}, "percpos=0.95": {0: 0.49, 1: 0.51}}))
+    rows = {r.name: r for r in res.rows}
+    assert res.rank_seeds == [0, 1] and rows["naive"].rank == 1 and rows["percpos=0.95"].rank == 2
+    assert rows["naive"].mean == pytest.approx(0.44)  # the table still shows every finished seed
+    assert "seeds every variant has finished: [0, 1]" in markdown_table(res)
+    full = _results(tmp_path, _records({"naive": {0: 0.5, 1: 0.6}, "percpos=0.95": {0: 0.6, 1: 0.7}}))
+    assert full.rank_seeds == [0, 1] and "seeds every variant" not in markdown_table(full)

@@ -75,6 +75,9 @@ class AblationResults:
     """``result.json`` records of the finished runs."""
     failures: list[dict[str, Any]]
     kendall_tau: float | None
+    rank_seeds: list[int] | None = None
+    """The seeds ranks and tau are computed over: those every finished variant has (a grid still filling up would
+    otherwise rank a mean over 3 seeds against one over 2); None when the variants share no seed."""
 
 
 def read_run_records(plans: Sequence[RunPlan]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -136,7 +139,9 @@ def summarize(spec: AblationSpec, results: Sequence[dict[str, Any]],
     for failure in failures:
         if failure["variant"] in by_name:
             by_name[failure["variant"]].failed_seeds.append(int(failure["seed"]))
-    ours = {r.name: r.mean for r in rows if r.mean is not None}
+    finished = [r for r in rows if r.values]
+    common = sorted(set.intersection(*(set(r.seeds) for r in finished))) if finished else []
+    ours = {r.name: _mean_over(r, common) if common else r.mean for r in finished}
     theirs = {r.name: r.paper for r in rows if r.paper is not None}
     for name, rank in _ranks(ours).items():  # type: ignore[arg-type]
         by_name[name].rank = rank
@@ -144,7 +149,12 @@ def summarize(spec: AblationSpec, results: Sequence[dict[str, Any]],
         by_name[name].paper_rank = rank
     both = [n for n in ours if n in theirs]
     tau = kendall_tau([ours[n] for n in both], [theirs[n] for n in both]) if len(both) >= 2 else None  # type: ignore
-    return AblationResults(spec, rows, list(results), list(failures), tau)
+    return AblationResults(spec, rows, list(results), list(failures), tau, common or None)
+
+
+def _mean_over(row: VariantSummary, seeds: Sequence[int]) -> float:
+    by_seed = dict(zip(row.seeds, row.values, strict=True))
+    return sum(by_seed[s] for s in seeds) / len(seeds)
 
 
 # ------------------------------------------------------------------------------------------------- writers
@@ -199,6 +209,10 @@ def markdown_table(res: AblationResults, fn_rows: dict[str, dict[str, Any]] | No
     compared = sum(1 for r in res.rows if r.rank is not None and r.paper_rank is not None)
     if res.kendall_tau is not None:
         lines.append(f"Rank agreement with the paper: Kendall tau-b = {res.kendall_tau:.3f} over {compared} variants.")
+    if len({tuple(r.seeds) for r in res.rows if r.values}) > 1:
+        lines.append(f"Ranks (and tau) use the mean over the seeds every variant has finished: {res.rank_seeds}; "
+                     "the others are not finished for every variant yet." if res.rank_seeds else
+                     "The variants share no finished seed yet: ranks use each variant's own mean.")
     if res.failures:
         lines += ["", "Failed runs (re-run the same command to retry them):"]
         lines += [f"- {f['variant']} seed {f['seed']}: {f['run_dir']}/{FAILED_FILE}" for f in res.failures]
