@@ -308,6 +308,22 @@ def test_ablation_report_step_rows_per_variant(tmp_path):
     assert "| calibrated | bm25 |" in (folder / "fn_report.md").read_text()
 
 
+def test_ablation_report_without_plots_keeps_only_a_current_fn_plot(tmp_path):
+    from nvr.ablation.results import write_report
+    from nvr.ablation.spec import parse_spec
+
+    beir = fn_beir(tmp_path)
+    raw = ablation_spec(tmp_path, beir, {"holdout": 0.5})
+    png = tmp_path / "abl" / "fn_report" / "fn_report.png"
+    write_report(parse_spec(raw), plots=True)
+    drawn = png.read_bytes()
+    assert "fn_report_plot" in write_report(parse_spec(raw), plots=False)
+    assert png.read_bytes() == drawn  # same FN data: the plot still shows it
+    raw["variants"] = raw["variants"][:1]  # the data changes: the old plot would be stale
+    assert "fn_report_plot" not in write_report(parse_spec(raw), plots=False)
+    assert not png.exists() and (png.parent / "fn_report.md").is_file()
+
+
 @pytest.mark.parametrize(("value", "key"), [({"holdot": 0.5}, "fn_report.holdot"),
                                             ({"holdout": 2}, "fn_report.holdout"), ("yes", "fn_report")])
 def test_ablation_spec_fn_report_errors(tmp_path, value, key):

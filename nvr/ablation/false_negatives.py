@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -134,10 +135,26 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def kept_plot(folder: Path, result: dict[str, Any]) -> bytes | None:
+    """The earlier ``fn_report.png`` when it was drawn from this very result (so ``--no_plots`` need not drop it)."""
+    png, old = folder / "fn_report.png", folder / "fn_report.json"
+    if not (png.is_file() and old.is_file()):
+        return None
+    try:
+        same = json.loads(old.read_text(encoding="utf-8")) == json.loads(json.dumps(result, allow_nan=False))
+    except (OSError, ValueError):
+        return None
+    return png.read_bytes() if same else None
+
+
 def write_fn_reports(spec: AblationSpec, plots: bool = True) -> dict[str, Path]:
-    """Compute ``variant_reports`` and write them into ``<output_dir>/fn_report/`` (replacing an earlier one)."""
+    """Compute ``variant_reports`` and write them into ``<output_dir>/fn_report/`` (replacing an earlier one).
+
+    Without ``plots`` an earlier plot survives only if its data is unchanged; a stale one is removed.
+    """
     result = variant_reports(spec)
     folder = Path(spec.output_dir) / FOLDER
+    old_png = None if plots else kept_plot(folder, result)
     with atomic_dir(folder, overwrite=True) as tmp:
         write_json_atomic(tmp / "fn_report.json", result, ensure_ascii=False, allow_nan=False)
         with atomic_file(tmp / "fn_report.md") as fh:
@@ -146,7 +163,9 @@ def write_fn_reports(spec: AblationSpec, plots: bool = True) -> dict[str, Path]:
             fh.write(csv_text(result))
         if plots:
             plot(result, tmp / "fn_report.png")
+        elif old_png is not None:
+            (tmp / "fn_report.png").write_bytes(old_png)
     written = {"fn_report_markdown": folder / "fn_report.md", "fn_report_csv": folder / "fn_report.csv"}
-    if plots:
+    if plots or old_png is not None:
         written["fn_report_plot"] = folder / "fn_report.png"
     return written
