@@ -4,6 +4,7 @@ base (the adapter would silently be merged into the wrong weights) and accept th
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,28 @@ def test_an_adapter_folder_refuses_other_base_weights(tiny_bert_dir, tmp_path) -
     with pytest.raises(InputError, match="other base weights") as err:
         Embedder.from_pretrained(folder)
     assert str(folder / META_FILE) in str(err.value) and "config.model_name_or_path" in str(err.value)
+
+
+def test_adapter_saves_hash_the_base_once_per_process_and_still_see_new_weights(tiny_bert_dir, tmp_path,
+                                                                                 monkeypatch) -> None:
+    """Saving an adapter (every export or periodic save of a 7B LoRA run) must not re-read the whole base each
+    time, without a cache folder to memoize into; replaced base weights are still hashed again."""
+    from nvr.modeling.config import EmbedderConfig, LoraSettings
+    from nvr.modeling.embedder import META_FILE, Embedder
+    from nvr.utils import fingerprint as fp_module
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_bert_dir, base)
+    time.sleep(0.06)  # past the clock tick of the copy: the digests are settled
+    embedder = Embedder.from_config(EmbedderConfig(str(base), lora=LoraSettings(r=4)))
+    embedder.save_pretrained(tmp_path / "a")
+    real, hashed = fp_module.sha256_file, []
+    monkeypatch.setattr(fp_module, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    embedder.save_pretrained(tmp_path / "b")
+    assert hashed == []
+    assert (tmp_path / "a" / META_FILE).read_text() == (tmp_path / "b" / META_FILE).read_text()
+    _replace_weights(base)
+    embedder.save_pretrained(tmp_path / "c")
+    assert set(hashed) == {"model.safetensors"}  # only the file that changed
+    with pytest.raises(InputError, match="other base weights"):
+        Embedder.from_pretrained(tmp_path / "a")

@@ -6,7 +6,8 @@ identity ``(resolved path, size, mtime_ns, inode, ctime_ns)``. A user can set th
 again; an unchanged file costs one ``stat`` and one small JSON read. A file changed less than
 :data:`SETTLE_NS` before it was hashed is "racy" (as in git): on a file system with coarse timestamps a later write in
 the same clock tick would leave its identity unchanged, so it is hashed again once that tick has passed before the
-memo is written.
+memo is written. Settled digests are also kept in memory for the rest of the process under the same rule, so a
+caller without a cache folder (an adapter save, an export) hashes a 7B base once per process.
 
 A model's fingerprint is the content of every file of its folder (weights, ``config.json``, every tokenizer file:
 vocabulary, normalizer / lower-casing, special tokens), plus the base model's fingerprint for an nvr LoRA adapter
@@ -60,24 +61,37 @@ def _memo_file(memo_dir: Path, resolved: str) -> Path:
     return memo_dir / "files" / f"{hashlib.sha256(resolved.encode('utf-8')).hexdigest()[:32]}.json"
 
 
+_PROCESS_MEMO: dict[str, tuple[dict[str, Any], str]] = {}
+"""resolved path -> (identity, sha256): the same rule as the on-disk memo, for callers without a cache folder (an
+adapter save or an export hashing a 7B base once per process, not once per save)."""
+
+
 def file_sha256(path: str | Path, memo_dir: str | Path | None = None) -> str:
     """sha256 of ``path``'s content, read from the memo when the file's identity is unchanged since it was hashed.
 
-    The memo is written only when ``memo_dir``'s parent (the cache folder) exists.
+    The on-disk memo is written only when ``memo_dir``'s parent (the cache folder) exists; settled digests are also
+    kept for the rest of the process.
     """
     ident = file_identity(path)
+    known = _PROCESS_MEMO.get(ident["path"])
+    if known is not None and known[0] == ident:
+        return known[1]
     memo = _memo_file(Path(memo_dir), ident["path"]) if memo_dir is not None else None
     if memo is not None:
         try:
             record = json.loads(memo.read_text(encoding="utf-8"))
             if record.get("version") == MEMO_VERSION and record.get("identity") == ident:
+                _PROCESS_MEMO[ident["path"]] = (ident, str(record["sha256"]))
                 return str(record["sha256"])
         except (OSError, ValueError, KeyError, AttributeError):
             pass
     started = time.time_ns()
     digest = sha256_file(ident["path"])
+    unchanged = file_identity(path) == ident
+    if unchanged and not _racy(ident, started):
+        _PROCESS_MEMO[ident["path"]] = (ident, digest)
     # memoize only when the file did not change while it was read, and never create a cache folder just for this
-    if memo is None or not Path(memo_dir).parent.is_dir() or file_identity(path) != ident:
+    if memo is None or not Path(memo_dir).parent.is_dir() or not unchanged:
         return digest
     if _racy(ident, started):
         # a write in the tick of the file's last change would keep its identity: wait for that tick to pass, then
@@ -89,6 +103,7 @@ def file_sha256(path: str | Path, memo_dir: str | Path | None = None) -> str:
         digest = sha256_file(ident["path"])
         if file_identity(path) != ident:
             return digest
+        _PROCESS_MEMO[ident["path"]] = (ident, digest)
     try:
         write_text_atomic(memo, json.dumps({"version": MEMO_VERSION, "identity": ident, "sha256": digest}))
     except OSError as err:  # a read-only cache only costs a re-hash next time
