@@ -322,4 +322,6 @@ def test_scifact_specs_parse_every_variant_with_the_fit_parser(table, capsys) ->
     assert base["trainer"]["precision"] == "32-true"  # fixed: results from different machines must compare
     assert ablate_main(["--config", str(path), "--dry_run"]) == 0
     planned = capsys.readouterr().out
-    assert planned.count("--seed_everything") == len(spec.all_variants()) * len(spec.seeds)
+    own = [v for v in spec.all_variants() if v.borrowed is None]
+    assert planned.count("--seed_everything") == len(own) * len(spec.seeds)  # borrowed rows are run by their specs
+    assert planned.count("[borrowed]") == (len(spec.all_variants()) - len(own)) * len(spec.seeds)

@@ -85,8 +85,8 @@ def read_run_records(plans: Sequence[RunPlan]) -> tuple[list[dict[str, Any]], li
     results, failures = [], []
     for plan in plans:
         done, failed = plan.run_dir / RESULT_FILE, plan.run_dir / FAILED_FILE
-        if done.is_file():
-            results.append(json.loads(done.read_text(encoding="utf-8")))
+        if done.is_file():  # a borrowed run is recorded under its own spec's variant name: report it under ours
+            results.append({**json.loads(done.read_text(encoding="utf-8")), "variant": plan.variant.name})
         elif failed.is_file():
             failures.append({"variant": plan.variant.name, "seed": plan.seed, "run_dir": str(plan.run_dir),
                              **json.loads(failed.read_text(encoding="utf-8"))})
@@ -213,6 +213,10 @@ def markdown_table(res: AblationResults, fn_rows: dict[str, dict[str, Any]] | No
         lines.append(f"Ranks (and tau) use the mean over the seeds every variant has finished: {res.rank_seeds}; "
                      "the others are not finished for every variant yet." if res.rank_seeds else
                      "The variants share no finished seed yet: ranks use each variant's own mean.")
+    borrowed = [v for v in spec.all_variants() if v.borrowed is not None]
+    if borrowed:
+        lines += ["", "Borrowed rows (the other spec's runs, same settings; run there, not here):"]
+        lines += [f"- {v.name}: `{v.borrowed.variant}` of `{v.borrowed.spec}`" for v in borrowed if v.borrowed]
     if res.failures:
         lines += ["", "Failed runs (re-run the same command to retry them):"]
         lines += [f"- {f['variant']} seed {f['seed']}: {f['run_dir']}/{FAILED_FILE}" for f in res.failures]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -65,6 +66,8 @@ class RunPlan:
     run_dir: Path
     mined_dir: Path | None
     overrides: dict[str, Any]
+    borrowed_from: str | None = None
+    """The spec that runs this one (a ``from:`` row): read here, never executed here."""
 
     @property
     def run_id(self) -> str:
@@ -129,8 +132,48 @@ def config_get(config: dict[str, Any], dotted: str) -> Any:
 
 # ---------------------------------------------------------------------------------------------- planning
 def run_overrides(spec: AblationSpec, variant: Variant, seed: int) -> dict[str, Any]:
-    """Common overrides, then the variant's, then the seed keys (later keys win)."""
+    """Common overrides, then the variant's, then the seed keys (later keys win); a borrowed row's are its own
+    spec's."""
+    if variant.borrowed is not None:
+        other, theirs = resolve_borrowed(spec, variant)
+        return run_overrides(other, theirs, seed)
     return {**spec.overrides, **variant.overrides, **{key: seed for key in spec.seed_keys}}
+
+
+def resolve_borrowed(spec: AblationSpec, variant: Variant) -> tuple[AblationSpec, Variant]:
+    """The other spec and variant behind a ``from:`` row, refused unless its runs are ones this spec would make:
+    the same base config, fit args, metric and selection, seed keys that fix at least this spec's (so a seed is the
+    same data order and pairing by seed holds) and this spec's common overrides."""
+    from nvr.ablation.spec import load_spec
+
+    assert variant.borrowed is not None
+    key = f"variants.{variant.name}.from"
+    try:
+        other = load_spec(variant.borrowed.spec)
+    except (ConfigError, InputError) as err:
+        raise ConfigError(f"{key}.spec", str(err)) from err
+    found = [v for v in other.all_variants() if v.name == variant.borrowed.variant]
+    if not found:
+        raise ConfigError(f"{key}.variant", f"{variant.borrowed.spec} has no variant '{variant.borrowed.variant}'; "
+                          f"known: {[v.name for v in other.all_variants()]}")
+    theirs = found[0]
+    where = f"{variant.borrowed.spec}'s '{theirs.name}'"
+    if theirs.borrowed is not None or theirs.disabled:
+        raise ConfigError(key, f"{where} is itself {'borrowed' if theirs.borrowed else 'disabled'}: borrow from the "
+                          "spec that runs it")
+    mismatch = [name for name, ours, them in (
+        ("base_config", load_base_config(spec.base_config), load_base_config(other.base_config)),
+        ("fit_args", spec.fit_args, other.fit_args), ("metric", spec.metric, other.metric),
+        ("select", spec.select, other.select)) if ours != them]
+    missing = [k for k in spec.seed_keys if k not in other.seed_keys]
+    if missing:
+        mismatch.append(f"seed_keys ({', '.join(missing)} not set by its seeds)")
+    theirs_first = run_overrides(other, theirs, other.seeds[0])
+    mismatch += [f"overrides.{k}" for k, v in spec.overrides.items() if k not in theirs_first or theirs_first[k] != v]
+    if mismatch:
+        raise ConfigError(key, f"{where} runs differently from this spec ({'; '.join(mismatch)} differ): its "
+                          "numbers would not compare")
+    return other, theirs
 
 
 def mined_dir_for(spec: AblationSpec, base: dict[str, Any], overrides: dict[str, Any]) -> Path | None:
@@ -214,6 +257,9 @@ def plan_runs(spec: AblationSpec, variants: Iterable[str] | None = None,
     for variant in spec.all_variants():
         if variant.disabled or (wanted is not None and variant.name not in wanted):
             continue
+        if variant.borrowed is not None:
+            plans += _borrowed_plans(spec, variant, chosen_seeds)
+            continue
         for seed in chosen_seeds:
             overrides = run_overrides(spec, variant, seed)
             plans.append(RunPlan(
@@ -221,6 +267,19 @@ def plan_runs(spec: AblationSpec, variants: Iterable[str] | None = None,
                 mined_dir=mined_dir_for(spec, base, overrides), overrides=overrides,
             ))
     return plans
+
+
+def _borrowed_plans(spec: AblationSpec, variant: Variant, seeds: Sequence[int]) -> list[RunPlan]:
+    """A ``from:`` row's runs, in the other spec's folders, for the seeds both specs have."""
+    other, theirs = resolve_borrowed(spec, variant)
+    source = str(variant.borrowed.spec) if variant.borrowed is not None else other.name
+    return [dataclasses.replace(plan, variant=variant, borrowed_from=source)
+            for plan in plan_runs(other, [theirs.name], [s for s in seeds if s in other.seeds])]
+
+
+def runnable(plans: Sequence[RunPlan]) -> list[RunPlan]:
+    """The plans this spec executes (a borrowed row is run by its own spec)."""
+    return [p for p in plans if p.borrowed_from is None]
 
 
 def shard_plans(plans: Sequence[RunPlan], index: int, count: int) -> list[RunPlan]:
@@ -422,8 +481,14 @@ def execute_run(spec: AblationSpec, plan: RunPlan, extra_args: Sequence[str] = (
 def describe_plan(spec: AblationSpec, plans: Sequence[RunPlan], extra_args: Sequence[str] = ()) -> str:
     """Human-readable list of planned runs with their status and exact command (``--dry_run``)."""
     base = load_base_config(spec.base_config)
-    lines = [f"ablation '{spec.name}': {len(plans)} runs -> {spec.output_dir}"]
+    borrowed = len(plans) - len(runnable(plans))
+    lines = [f"ablation '{spec.name}': {len(plans) - borrowed} runs -> {spec.output_dir}"
+             + (f" (and {borrowed} borrowed, run by their own specs)" if borrowed else "")]
     for plan in plans:
+        if plan.borrowed_from is not None:
+            state = "done" if plan.done else "not run yet: run it there"
+            lines.append(f"[borrowed] {plan.run_id}  from {plan.borrowed_from} ({state}): {plan.run_dir}")
+            continue
         ckpt = latest_checkpoint(plan.run_dir)
         status = "done" if plan.done else ("resume" if ckpt else "todo")
         lines.append(f"[{status}] {plan.run_id}  mined: {plan.mined_dir}")
@@ -441,6 +506,7 @@ def run_grid(spec: AblationSpec, plans: Sequence[RunPlan], extra_args: Sequence[
     """Execute runs in order (skipping finished ones); failures are recorded and, with ``fail_fast``, raised."""
     base = load_base_config(spec.base_config)
     outcomes = []
+    plans = runnable(plans)
     for i, plan in enumerate(plans, 1):
         if not plan.done:
             echo(f"[{i}/{len(plans)}] {plan.run_id}: running (log: {plan.run_dir / LOG_FILE})")

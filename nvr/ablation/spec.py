@@ -17,6 +17,10 @@ Example::
     fn_report: {holdout: 0.5}    # optional: false-negative report of every mining variant (fn_report/ folder)
     reference: naive             # optional: paired-by-seed comparisons against this variant (default: the first)
 
+A variant ``{name: dense, from: {spec: other.yaml, variant: percpos-0.95}}`` borrows another spec's finished runs
+(same base config, fit args, metric and seed keys, checked when planning): the row is reported and paired by seed
+here, but run only by the other spec.
+
 A sweep expands to one variant per value, named ``<sweep>=<value>``. Relative paths (``base_config``,
 ``output_dir``) are relative to the working directory, like the paths inside ``nvr fit`` configs.
 """
@@ -57,6 +61,18 @@ class Variant:
     """The swept value (for metric-vs-threshold plots)."""
     disabled: str | None = None
     """Reason this arm cannot run yet; listed in the results table but never planned."""
+    borrowed: Borrowed | None = None
+    """A row whose runs belong to another spec (``from:``): read from there, never run here."""
+
+
+@dataclass(frozen=True)
+class Borrowed:
+    """``from: {spec, variant}``: another spec's variant, shown (and paired by seed) in this table without re-running
+    it, e.g. the dense-teacher row of a teacher table that is the method table's PercPos row."""
+
+    spec: str
+    """Path of the other ablation YAML (relative to the working directory, like ``base_config``)."""
+    variant: str
 
 
 @dataclass
@@ -191,16 +207,35 @@ def _str_list(value: Any, key: str) -> list[str]:
 def _parse_variant(raw: Any, i: int, paper: dict[str, Any]) -> Variant:
     key = f"variants[{i}]"
     raw = _mapping(raw, key)
-    unknown = set(raw) - {"name", "overrides", "paper", "disabled"}
+    unknown = set(raw) - {"name", "overrides", "paper", "disabled", "from"}
     if unknown:
-        raise ConfigError(f"{key}.{sorted(unknown)[0]}", "unknown key (expected name, overrides, paper, disabled)")
+        raise ConfigError(f"{key}.{sorted(unknown)[0]}",
+                          "unknown key (expected name, overrides, paper, disabled, from)")
     name = _name(raw.get("name"), f"{key}.name")
     disabled = raw.get("disabled")
     if disabled is not None and (not isinstance(disabled, str) or not disabled.strip()):
         raise ConfigError(f"{key}.disabled", "must be a reason (text) or absent")
     value = raw["paper"] if "paper" in raw else paper.get(name)
+    borrowed = _borrowed(raw, key)
     return Variant(name=name, overrides=_overrides(raw.get("overrides"), f"{key}.overrides"),
-                   paper=_paper_value(value, f"{key}.paper"), disabled=disabled)
+                   paper=_paper_value(value, f"{key}.paper"), disabled=disabled, borrowed=borrowed)
+
+
+def _borrowed(raw: dict[str, Any], key: str) -> Borrowed | None:
+    """``from: {spec: other.yaml, variant: name}``; its settings are the other spec's, so none may be given here."""
+    if "from" not in raw:
+        return None
+    source = _mapping(raw["from"], f"{key}.from")
+    unknown = sorted(set(source) - {"spec", "variant"})
+    if unknown:
+        raise ConfigError(f"{key}.from.{unknown[0]}", "unknown key (expected spec, variant)")
+    for part in ("spec", "variant"):
+        if not isinstance(source.get(part), str) or not source[part]:
+            raise ConfigError(f"{key}.from.{part}", "required: the other ablation YAML and its variant's name")
+    for own in ("overrides", "disabled"):
+        if raw.get(own):
+            raise ConfigError(f"{key}.{own}", "a borrowed row runs with the other spec's settings: give none here")
+    return Borrowed(spec=source["spec"], variant=source["variant"])
 
 
 def _parse_sweep(raw: Any, i: int) -> Sweep:

@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from nvr.ablation.results import write_report
-from nvr.ablation.runner import LAUNCHERS, describe_plan, plan_runs, run_grid, shard_plans
+from nvr.ablation.runner import LAUNCHERS, describe_plan, plan_runs, run_grid, runnable, shard_plans
 from nvr.ablation.spec import load_spec
 from nvr.ablation.validate import validate_plans
 from nvr.utils.errors import ConfigError
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     if shard is not None:
         plans = shard_plans(plans, *shard)
     check_cache_dir(spec.output_dir, "output_dir")  # runs, mined sets and results all go here
-    validate_plans(spec, plans, extra, source=args.config)  # a typo in an override fails here, not in every run
+    # a typo in an override fails here, not in every run
+    validate_plans(spec, runnable(plans), extra, source=args.config)
     if args.dry_run:
         print(describe_plan(spec, plans, extra))
         return 0
