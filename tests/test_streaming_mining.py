@@ -5,6 +5,7 @@ up front."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +192,20 @@ def test_filter_sampler_ensemble_sweep_reuses_every_chunk_table(tiny_beir_dir, t
                                                  stream_chunk_queries=None)), out)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the 1-process reference with the ranks' thread count: the world size must not change the output, but
+    the intra-op thread count may change fp32 matmul rounding (seen on AVX-512 CPUs, 1 ulp -> a 6th-decimal score)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -224,8 +240,9 @@ def test_torchrun_two_gloo_ranks_match_one_process(tiny_beir_dir, tiny_bert_dir,
         assert [p.returncode for p in procs] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
         if filter_name == "marginpos":  # each rank searched its half of the corpus, chunk by chunk
             assert all(f"rank {r}/2:" in err for r, err in enumerate(errors)), errors[1][-3000:]
-        memory = mine(module.config(str(tiny_beir_dir), str(tmp_path / f"memory-{filter_name}"),
-                                    str(tmp_path / "cache-1"), str(tiny_bert_dir), None, filter_name))
+        with torch_threads(1):  # as each rank (OMP_NUM_THREADS=1): on AVX-512 fp32 sums depend on the thread count
+            memory = mine(module.config(str(tiny_beir_dir), str(tmp_path / f"memory-{filter_name}"),
+                                        str(tmp_path / "cache-1"), str(tiny_bert_dir), None, filter_name))
         compare_outputs(memory, out)
         stats = json.loads((out / "report.json").read_text())["stream"]
         if filter_name == "marginpos":
