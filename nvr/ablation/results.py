@@ -213,10 +213,10 @@ def markdown_table(res: AblationResults, fn_rows: dict[str, dict[str, Any]] | No
         lines.append(f"Ranks (and tau) use the mean over the seeds every variant has finished: {res.rank_seeds}; "
                      "the others are not finished for every variant yet." if res.rank_seeds else
                      "The variants share no finished seed yet: ranks use each variant's own mean.")
-    borrowed = [v for v in spec.all_variants() if v.borrowed is not None]
+    borrowed = [(v.name, v.borrowed) for v in spec.all_variants() if v.borrowed is not None]
     if borrowed:
         lines += ["", "Borrowed rows (the other spec's runs, same settings; run there, not here):"]
-        lines += [f"- {v.name}: `{v.borrowed.variant}` of `{v.borrowed.spec}`" for v in borrowed if v.borrowed]
+        lines += [f"- {name}: `{source.variant}` of `{source.spec}`" for name, source in borrowed]
     if res.failures:
         lines += ["", "Failed runs (re-run the same command to retry them):"]
         lines += [f"- {f['variant']} seed {f['seed']}: {f['run_dir']}/{FAILED_FILE}" for f in res.failures]

@@ -152,11 +152,11 @@ def resolve_borrowed(spec: AblationSpec, variant: Variant) -> tuple[AblationSpec
         other = load_spec(variant.borrowed.spec)
     except (ConfigError, InputError) as err:
         raise ConfigError(f"{key}.spec", str(err)) from err
-    found = [v for v in other.all_variants() if v.name == variant.borrowed.variant]
-    if not found:
+    try:
+        theirs = other.variant(variant.borrowed.variant)
+    except ConfigError as err:
         raise ConfigError(f"{key}.variant", f"{variant.borrowed.spec} has no variant '{variant.borrowed.variant}'; "
-                          f"known: {[v.name for v in other.all_variants()]}")
-    theirs = found[0]
+                          f"known: {[v.name for v in other.all_variants()]}") from err
     where = f"{variant.borrowed.spec}'s '{theirs.name}'"
     if theirs.borrowed is not None or theirs.disabled:
         raise ConfigError(key, f"{where} is itself {'borrowed' if theirs.borrowed else 'disabled'}: borrow from the "
@@ -272,8 +272,8 @@ def plan_runs(spec: AblationSpec, variants: Iterable[str] | None = None,
 def _borrowed_plans(spec: AblationSpec, variant: Variant, seeds: Sequence[int]) -> list[RunPlan]:
     """A ``from:`` row's runs, in the other spec's folders, for the seeds both specs have."""
     other, theirs = resolve_borrowed(spec, variant)
-    source = str(variant.borrowed.spec) if variant.borrowed is not None else other.name
-    return [dataclasses.replace(plan, variant=variant, borrowed_from=source)
+    assert variant.borrowed is not None
+    return [dataclasses.replace(plan, variant=variant, borrowed_from=variant.borrowed.spec)
             for plan in plan_runs(other, [theirs.name], [s for s in seeds if s in other.seeds])]
 
 
